@@ -1,0 +1,1 @@
+"""The mlxkv Textual chat app (installed as ``mlxkv_app``)."""

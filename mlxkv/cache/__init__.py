@@ -1,0 +1,1 @@
+"""mlxkv KV caches: one class per file, all behind mlx-lm's cache protocol."""

@@ -1,0 +1,121 @@
+"""How one segment of keys or values is stored: full precision or affine-quantized.
+
+A codec knows the storage layout of a run of cache slots and computes the two products
+attention needs straight from that storage, so no dequantized copy of the cache is kept:
+``scores`` (queries times keys transposed) and ``weighted`` (probabilities times values).
+
+Layouts (B batch, H kv heads, n slots, D head dim, p = 32 // bits values per uint32):
+- ``FloatCodec``: (B, H, n, D) in the cache dtype.
+- ``AffineCodec(axis="token")``: each token's D values quantized in groups along D:
+  packed (B, H, n, D / p) uint32, scales and biases (B, H, n, D / group).
+- ``AffineCodec(axis="channel")`` (KIVI keys): each channel quantized in groups of
+  ``group`` consecutive tokens, stored transposed: packed (B, H, D, n / p), scales and
+  biases (B, H, D, n / group). Slots are written a whole group of tokens at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class FloatCodec:
+    bits = None
+    block = 1
+
+    def alloc(self, B, H, n, D, dtype):
+        return (mx.zeros((B, H, n, D), dtype),)
+
+    def grow(self, state, extra):
+        (x,) = state
+        pad = mx.zeros((*x.shape[:2], extra, x.shape[3]), x.dtype)
+        return (mx.concatenate([x, pad], axis=2),)
+
+    def write(self, state, slot, x):
+        state[0][..., slot : slot + x.shape[2], :] = x
+
+    def slots(self, state, n):
+        return (state[0][..., :n, :],)
+
+    def scores(self, q, state):
+        return q @ state[0].swapaxes(-1, -2)
+
+    def weighted(self, p, state):
+        return p @ state[0]
+
+    def decode(self, state):
+        return state[0]
+
+
+@dataclass(frozen=True)
+class AffineCodec:
+    bits: int
+    group: int
+    axis: str = "token"  # "token" or "channel"
+
+    @property
+    def block(self) -> int:
+        return self.group if self.axis == "channel" else 1
+
+    def alloc(self, B, H, n, D, dtype):
+        if self.axis == "token":
+            shape, qshape = (B, H, n, D * self.bits // 32), (B, H, n, D // self.group)
+        else:  # n is a multiple of the group size
+            shape, qshape = (B, H, D, n * self.bits // 32), (B, H, D, n // self.group)
+        return (mx.zeros(shape, mx.uint32), mx.zeros(qshape, dtype), mx.zeros(qshape, dtype))
+
+    def grow(self, state, extra):
+        if self.axis == "token":
+            sizes, axis = (extra, extra, extra), 2
+        else:
+            sizes, axis = (extra * self.bits // 32, extra // self.group, extra // self.group), 3
+        out = []
+        for a, n in zip(state, sizes):
+            shape = list(a.shape)
+            shape[axis] = n
+            out.append(mx.concatenate([a, mx.zeros(shape, a.dtype)], axis=axis))
+        return tuple(out)
+
+    def quantize(self, x):
+        """x (B, H, n, D) float -> the codec's storage for those n tokens."""
+        if self.axis == "token":
+            return mx.quantize(x, group_size=self.group, bits=self.bits)
+        return mx.quantize(x.swapaxes(-1, -2), group_size=self.group, bits=self.bits)
+
+    def write(self, state, slot, x):
+        w, s, b = self.quantize(x)
+        n = x.shape[2]
+        if self.axis == "token":
+            for dst, src in zip(state, (w, s, b)):
+                dst[..., slot : slot + n, :] = src
+        else:
+            ws, we = slot * self.bits // 32, (slot + n) * self.bits // 32
+            gs, ge = slot // self.group, (slot + n) // self.group
+            state[0][..., ws:we] = w
+            state[1][..., gs:ge] = s
+            state[2][..., gs:ge] = b
+
+    def slots(self, state, n):
+        if self.axis == "token":
+            return tuple(a[..., :n, :] for a in state)
+        w, s, b = state
+        return (w[..., : n * self.bits // 32], s[..., : n // self.group], b[..., : n // self.group])
+
+    def scores(self, q, state):
+        return mx.quantized_matmul(q, *state, transpose=self.axis == "token",
+                                   group_size=self.group, bits=self.bits)
+
+    def weighted(self, p, state):
+        if self.axis != "token":
+            raise ValueError("values are quantized per token")
+        return mx.quantized_matmul(p, *state, transpose=False, group_size=self.group,
+                                   bits=self.bits)
+
+    def decode(self, state):
+        x = mx.dequantize(*state, group_size=self.group, bits=self.bits)
+        return x if self.axis == "token" else x.swapaxes(-1, -2)

@@ -1,0 +1,143 @@
+"""``CacheConfig`` and ``make_cache``: the cache settings of a model, checked up front."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+from ..errors import InputError
+from .codec import BITS, GROUP_SIZES
+from .full import FullCache
+from .quantized import QuantizedCache
+from .window import WindowCache
+
+KEY_MODES = ("token", "channel")
+HADAMARD_BASES = (1, 12, 20, 28)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What cache each attention layer gets.
+
+    - no bits, no window: ``FullCache`` (mlx-lm's KVCache);
+    - ``key_bits``/``value_bits``: ``QuantizedCache`` (2, 3, 4 or 8 bits each; one of them
+      may stay None = full precision), ``group_size`` 32/64/128, ``key_mode`` "token" or
+      "channel" (KIVI), ``residual`` recent tokens at full precision, ``rotate`` keys with
+      a randomized Hadamard transform, ``start``: tokens seen before quantizing begins;
+    - ``window``: ``WindowCache`` of ``sinks`` + ``window`` recent tokens, quantized when
+      bits are set.
+    """
+
+    key_bits: int | None = None
+    value_bits: int | None = None
+    group_size: int = 64
+    key_mode: str = "token"
+    residual: int = 0
+    rotate: bool = False
+    window: int | None = None
+    sinks: int = 4
+    start: int = 0
+    seed: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.key_bits is not None or self.value_bits is not None
+
+    @property
+    def kind(self) -> str:
+        return "window" if self.window is not None else "quantized" if self.quantized else "full"
+
+    def check(self, head_dim: int | None = None) -> "CacheConfig":
+        problems = []
+        for name in ("key_bits", "value_bits"):
+            b = getattr(self, name)
+            if b is not None and b not in BITS:
+                problems.append(f"{name} must be one of {BITS} (got {b})")
+        if self.group_size not in GROUP_SIZES:
+            problems.append(f"group_size must be one of {GROUP_SIZES} (got {self.group_size})")
+        elif head_dim is not None and self.quantized and head_dim % self.group_size:
+            problems.append(f"group_size {self.group_size} does not divide the head dim {head_dim}")
+        if self.key_mode not in KEY_MODES:
+            problems.append(f"key_mode must be one of {KEY_MODES} (got {self.key_mode!r})")
+        if self.key_mode == "channel" and self.key_bits is None:
+            problems.append("key_mode 'channel' needs key_bits")
+        if self.residual < 0:
+            problems.append("residual must be >= 0")
+        if self.residual and not self.quantized:
+            problems.append("residual only applies to a quantized cache (set key/value bits)")
+        if self.rotate and self.key_bits is None:
+            problems.append("rotate only applies to quantized keys (set key_bits)")
+        if self.rotate and head_dim is not None:
+            base = head_dim
+            while base % 2 == 0 and base not in HADAMARD_BASES:
+                base //= 2
+            if base not in HADAMARD_BASES:
+                problems.append(f"rotate needs a head dim of 2^k times 1, 12, 20 or 28 (got {head_dim})")
+        if self.start < 0:
+            problems.append("start must be >= 0")
+        if self.window is not None:
+            if self.window < 1:
+                problems.append(f"window must be >= 1 (got {self.window})")
+            if self.sinks < 0:
+                problems.append("sinks must be >= 0")
+            if self.start:
+                problems.append("start applies to the growing quantized cache, not to a window")
+            if self.quantized and self.window <= self.residual:
+                problems.append(f"window ({self.window}) must be larger than the residual ({self.residual})")
+        if problems:
+            raise InputError("invalid cache settings: " + "; ".join(problems))
+        return self
+
+    def replace(self, **changes) -> "CacheConfig":
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise InputError(f"unknown cache setting(s): {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(sorted(known))})")
+        return CacheConfig(**{**asdict(self), **changes})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        if self.kind == "full":
+            return "full precision"
+        parts = []
+        if self.quantized:
+            kb = f"{self.key_bits}-bit" if self.key_bits else "fp"
+            vb = f"{self.value_bits}-bit" if self.value_bits else "fp"
+            parts.append(f"K {kb} ({self.key_mode}) V {vb}, group {self.group_size}")
+            if self.residual:
+                parts.append(f"residual {self.residual}")
+            if self.rotate:
+                parts.append("rotated keys")
+        if self.window is not None:
+            parts.append(f"window {self.window} + {self.sinks} sinks")
+        return ", ".join(parts)
+
+    def layer_cache(self, layer: int):
+        if self.window is not None:
+            return WindowCache(window=self.window, sinks=self.sinks, key_bits=self.key_bits,
+                               value_bits=self.value_bits, group_size=self.group_size,
+                               key_mode=self.key_mode, residual=self.residual,
+                               rotate=self.rotate, seed=self.seed + layer)
+        if self.quantized:
+            return QuantizedCache(key_bits=self.key_bits, value_bits=self.value_bits,
+                                  group_size=self.group_size, key_mode=self.key_mode,
+                                  residual=self.residual, rotate=self.rotate,
+                                  start=self.start, seed=self.seed + layer)
+        return FullCache()
+
+
+def make_cache(model, config: CacheConfig | None = None) -> list:
+    """Per-layer caches for ``model``: the model's own cache layout (from mlx-lm), with
+    every plain full-attention ``KVCache`` replaced by the cache ``config`` asks for.
+    Layers with a cache of their own kind (sliding-window, state-space) keep it."""
+    from ..adapter import model_head_dim, route_attention
+
+    config = (config or CacheConfig()).check(model_head_dim(model))
+    if config.kind != "full":
+        route_attention(model)
+    caches = make_prompt_cache(model)
+    return [config.layer_cache(i) if type(c) is KVCache else c for i, c in enumerate(caches)]

