@@ -59,7 +59,7 @@ class GenerationEvent:
 
     ``text`` is the new text since the previous event, ``tokens`` the new token ids.
     The last event has ``finish_reason`` set: "eos", "stop" (a stop string), "length"
-    (max tokens) or "cancelled".
+    (max tokens) or "cancelled"; with "eos" its ``tokens`` hold the end-of-sequence token.
     """
 
     text: str
@@ -182,6 +182,8 @@ def stream_generate(
     first_at = start
     n = 0
     finish = None
+    last: tuple[int, ...] = ()
+    text = ""
     try:
         for token, _ in steps:
             n += 1
@@ -191,6 +193,7 @@ def stream_generate(
                 prefill_tps = len(tokens) / max(now - start, 1e-9)
             else:
                 decode_tps = (n - 1) / max(now - first_at, 1e-9)
+            last = (token,)
             if token in eos:
                 finish = "eos"
                 break
@@ -198,27 +201,25 @@ def stream_generate(
             text, stopped = matcher.feed(detok.last_segment)
             if stopped:
                 finish = "stop"
-            elif n >= max_tokens:
+                break
+            if n >= max_tokens:
                 finish = "length"
-            elif should_stop is not None and should_stop():
+                break
+            if should_stop is not None and should_stop():
                 finish = "cancelled"
-            if finish:
-                if finish != "stop":
-                    detok.finalize()
-                    more, stopped = matcher.feed(detok.last_segment)
-                    text += more + ("" if stopped else matcher.flush())
-                    finish = "stop" if stopped else finish
-                yield GenerationEvent(text, (token,), len(tokens), n, prefill_tps, decode_tps,
-                                      cache_stats(cache), finish)
-                return
-            yield GenerationEvent(text, (token,), len(tokens), n, prefill_tps, decode_tps,
+                break
+            yield GenerationEvent(text, last, len(tokens), n, prefill_tps, decode_tps,
                                   cache_stats(cache))
+            last, text = (), ""
     finally:
         steps.close()
-    detok.finalize()
-    text, _ = matcher.feed(detok.last_segment)
-    yield GenerationEvent(text + matcher.flush(), (), len(tokens), n, prefill_tps, decode_tps,
-                          cache_stats(cache), finish or "length")
+    if finish != "stop":
+        detok.finalize()
+        more, stopped = matcher.feed(detok.last_segment)
+        text += more if stopped else more + matcher.flush()
+        finish = "stop" if stopped else finish or "length"
+    yield GenerationEvent(text, last, len(tokens), n, prefill_tps, decode_tps,
+                          cache_stats(cache), finish)
 
 
 def generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens: int = 256,

@@ -1,0 +1,189 @@
+"""``mlxkv bench``: decode speed, KV bytes and peak memory of mlxkv caches against
+mlx-lm's own caches, same model, same process, ratios against mlx-lm's ``KVCache``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import mlx.core as mx
+
+from .errors import InputError
+
+BASELINE = "mlx-lm KVCache"
+
+
+@dataclass
+class BenchRow:
+    config: str
+    context: int
+    prefill_tps: float
+    decode_tps_median: float
+    decode_tps_best: float
+    kv_bytes: int
+    peak_memory: int
+    bytes_per_token: int
+    bandwidth_fraction: float
+    ratio: float = 1.0  # decode tokens/s over the baseline's at the same context
+
+
+def _factories(model, window: int) -> dict[str, Callable[[], list]]:
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+
+    from .cache.config import CacheConfig, make_cache
+
+    n = len(model.layers)
+    group = 32 if (model.args.hidden_size // model.args.num_attention_heads) % 64 else 64
+    return {
+        BASELINE: lambda: [KVCache() for _ in range(n)],
+        "mlx-lm Quantized 8-bit": lambda: [QuantizedKVCache(group_size=group, bits=8) for _ in range(n)],
+        "mlx-lm Quantized 4-bit": lambda: [QuantizedKVCache(group_size=group, bits=4) for _ in range(n)],
+        f"mlx-lm Rotating {window}": lambda: [RotatingKVCache(max_size=window, keep=4) for _ in range(n)],
+        "mlxkv full": lambda: make_cache(model, CacheConfig()),
+        "mlxkv 8-bit": lambda: make_cache(model, CacheConfig(key_bits=8, value_bits=8, group_size=group)),
+        "mlxkv 4-bit": lambda: make_cache(model, CacheConfig(key_bits=4, value_bits=4, group_size=group)),
+        "mlxkv 4-bit channel-K r128": lambda: make_cache(model, CacheConfig(
+            key_bits=4, value_bits=4, group_size=group, key_mode="channel", residual=128)),
+        f"mlxkv window {window}": lambda: make_cache(model, CacheConfig(window=window - 4, sinks=4)),
+        f"mlxkv 4-bit window {window}": lambda: make_cache(model, CacheConfig(
+            window=window - 4, sinks=4, key_bits=4, value_bits=4, group_size=group)),
+    }
+
+
+def measure_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Memory bandwidth in bytes/s: the best of a few reductions over a large array."""
+    a = mx.ones((nbytes // 4,), mx.float32)
+    mx.eval(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(a.sum())
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def _weights_bytes(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def _prefill(model, cache, tokens: mx.array, step: int) -> float:
+    t = time.perf_counter()
+    for i in range(0, tokens.shape[0], step):
+        model(tokens[None, i : i + step], cache=cache)
+        mx.eval([c.state for c in cache])
+    return tokens.shape[0] / (time.perf_counter() - t)
+
+
+def bench_config(model, make, context: int, decode: int, prefill_step: int,
+                 bandwidth: float, weights: int, seed: int = 0) -> BenchRow | None:
+    tokens = mx.random.randint(0, model.args.vocab_size, (context,), key=mx.random.key(seed))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    cache = make()
+    prefill_tps = _prefill(model, cache, tokens, prefill_step)
+    y = mx.array([[int(tokens[-1])]])
+    times = []
+    for i in range(decode + 2):
+        t = time.perf_counter()
+        logits = model(y, cache=cache)
+        y = mx.argmax(logits[:, -1:, :], axis=-1)
+        mx.eval(y)
+        if i >= 2:  # two warm-up steps
+            times.append(time.perf_counter() - t)
+    kv = sum(c.nbytes for c in cache)
+    per_token = weights + kv
+    med = 1 / statistics.median(times)
+    return BenchRow(config="", context=context, prefill_tps=prefill_tps, decode_tps_median=med,
+                    decode_tps_best=1 / min(times), kv_bytes=kv, peak_memory=mx.get_peak_memory(),
+                    bytes_per_token=per_token, bandwidth_fraction=per_token * med / bandwidth)
+
+
+def run_bench(model, *, contexts, configs=None, decode: int = 16, prefill_step: int = 512,
+              window: int = 512, log=print) -> list[BenchRow]:
+    factories = _factories(model, window)
+    names = configs or list(factories)
+    unknown = [n for n in names if n not in factories]
+    if unknown:
+        raise InputError(f"unknown bench config(s) {unknown}; known: {list(factories)}")
+    if BASELINE not in names:
+        names = [BASELINE] + names
+    bandwidth = measure_bandwidth()
+    weights = _weights_bytes(model)
+    log(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s; weights {weights / 1e6:.1f} MB")
+    rows = []
+    for context in contexts:
+        base = None
+        for name in names:
+            row = bench_config(model, factories[name], context, decode, prefill_step,
+                               bandwidth, weights)
+            row.config = name
+            if name == BASELINE:
+                base = row.decode_tps_median
+            row.ratio = row.decode_tps_median / base
+            rows.append(row)
+            log(format_row(row))
+    return rows
+
+
+HEADER = (f"{'config':30} {'ctx':>6} {'prefill t/s':>11} {'decode t/s':>10} {'best':>7} "
+          f"{'x base':>7} {'KV MB':>8} {'peak MB':>8} {'BW %':>5}")
+
+
+def format_row(r: BenchRow) -> str:
+    return (f"{r.config:30} {r.context:6d} {r.prefill_tps:11.1f} {r.decode_tps_median:10.2f} "
+            f"{r.decode_tps_best:7.2f} {r.ratio:7.2f} {r.kv_bytes / 1e6:8.2f} "
+            f"{r.peak_memory / 1e6:8.1f} {100 * r.bandwidth_fraction:5.1f}")
+
+
+def markdown_table(rows: list[BenchRow]) -> str:
+    lines = ["| config | context | prefill tok/s | decode tok/s (median) | vs mlx-lm KVCache | KV MB | peak MB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.config} | {r.context} | {r.prefill_tps:.1f} | {r.decode_tps_median:.2f} | "
+                     f"{r.ratio:.2f}x | {r.kv_bytes / 1e6:.2f} | {r.peak_memory / 1e6:.1f} |")
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    from .cli import load_for_args
+
+    contexts = [int(x) for x in args.contexts.split(",")]
+    if any(c < 2 for c in contexts):
+        raise InputError("--contexts must be token counts >= 2, e.g. 1024,4096")
+    model, _tok, resolved, _config = load_for_args(args)
+    print(f"mlxkv bench: {resolved.alias or resolved.path} on {mx.default_device()}", file=sys.stderr)
+    print(HEADER)
+    rows = run_bench(model, contexts=contexts, configs=args.config or None, decode=args.decode,
+                     prefill_step=args.prefill_step, window=args.window)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(rows) + "\n")
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    from .cli import add_model_flags
+
+    b = sub.add_parser("bench", help="decode speed and KV memory against mlx-lm's caches",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_flags(b)
+    b.add_argument("--contexts", default="1024,4096", help="context lengths (comma separated)")
+    b.add_argument("--decode", type=int, default=16, help="decode steps timed per config")
+    b.add_argument("--prefill-step", type=int, default=512)
+    b.add_argument("--window", type=int, default=512, help="window size of the window configs")
+    b.add_argument("--config", action="append", help="run only this config (repeatable)")
+    b.add_argument("--json", help="write the rows as JSON here")
+    b.add_argument("--markdown", help="write a Markdown table here")
+    b.set_defaults(func=cmd_bench, kv_bits=None, kv_key_bits=None, kv_value_bits=None,
+                   kv_group_size=None, kv_key_mode=None, kv_residual=None, kv_rotate=None,
+                   kv_window=None, kv_sinks=None, kv_start=None, max_kv_size=None)

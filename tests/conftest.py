@@ -1,0 +1,36 @@
+import mlxkv  # noqa: F401  (loads OpenBLAS before mlx, see mlxkv/_blas.py)
+
+import mlx.core as mx
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real default model (fetched once into the user cache dir)."""
+    model, tokenizer = mlxkv.load()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def paris_prompt(smollm):
+    _, tok = smollm
+    return tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   add_generation_prompt=True)
+
+
+def tiny_model(model_type: str, **overrides):
+    """A small random-weight mlx-lm model of the given architecture (for fast unit tests)."""
+    import importlib
+
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    args = dict(model_type=model_type, hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=512,
+                head_dim=32, max_position_embeddings=4096, rope_theta=10000.0,
+                tie_word_embeddings=True)
+    args.update(overrides)
+    args = module.ModelArgs.from_dict(args)
+    mx.random.seed(0)
+    model = module.Model(args)
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return model

@@ -1,0 +1,60 @@
+"""The ``mlxkv`` command end to end, in subprocesses, on the real default model."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, stdin=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "mlxkv.cli", *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_paris_verbose(smollm):
+    r = run("generate", "What is the capital of France?", "--max-tokens", "24", "-v")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "tokens/s" in r.stderr and "KV cache" in r.stderr
+
+
+def test_generate_from_stdin_with_quantized_window(smollm):
+    r = run("generate", "--max-tokens", "24", "--kv-bits", "8", "--kv-group-size", "32",
+            "--max-kv-size", "256", stdin="What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "hi", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["generate", "hi", "--kv-bits", "5"], "key_bits must be one of"),
+    (["generate", "hi", "--kv-bits", "4", "--kv-group-size", "128"], "does not divide the head dim"),
+    (["generate", "hi", "--top-p", "0"], "top_p"),
+    (["generate", "hi", "--kv-residual", "16"], "residual only applies"),
+    (["generate", "hi", "--model", "/nonexistent/model.gguf"], "unknown model"),
+    (["generate", "   "], "prompt is empty"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needle, smollm):
+    r = run(*args, stdin="")
+    assert r.returncode == 2
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_debug_shows_traceback():
+    r = run("--debug", "generate", "hi", "--model", "no-such-model")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_models_list_and_path(smollm):
+    r = run("models")
+    assert r.returncode == 0 and "smollm2-135m" in r.stdout and "qwen3-0.6b" in r.stdout
+    r = run("models", "path", "smollm2-135m")
+    assert r.returncode == 0 and r.stdout.strip().endswith(".gguf")
+
+
+def test_chat_repl_reuses_history(smollm):
+    r = run("chat", "--max-tokens", "24",
+            stdin="What is the capital of France?\nRepeat the city name.\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Paris") >= 2

@@ -1,0 +1,43 @@
+"""The built wheel: non-colliding app package, package data, importable from a fresh venv."""
+
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_layout_and_fresh_venv_import(tmp_path):
+    out = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(ROOT)],
+                   check=True, capture_output=True, timeout=600)
+    (wheel,) = out.glob("mlxkv-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "mlxkv/models.toml" in names
+    assert "mlxkv_app/__init__.py" in names
+    assert "mlxkv_metal/__init__.py" in names
+    assert not any(n.startswith("app/") for n in names)
+    shipped_metal = {n.split("/")[-1] for n in names if n.endswith(".metal")}
+    assert shipped_metal == {p.name for p in (ROOT / "metal_kernels").glob("*.metal")}
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)  # what pip does for a pure-Python wheel
+    deps = sysconfig.get_paths()["purelib"]  # mlx, mlx-lm, ... from the test environment
+    code = ("import mlxkv, mlxkv_app, mlxkv_metal, importlib.util, importlib.resources as r;"
+            "print(mlxkv.__file__);"
+            "print(importlib.util.find_spec('app'));"
+            "print(r.files('mlxkv').joinpath('models.toml').read_text()[:2000].count('[models.'))")
+    res = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": deps, "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    location, app_spec, n_models = res.stdout.strip().splitlines()
+    assert location.startswith(site)
+    assert app_spec == "None"
+    assert int(n_models) >= 1
