@@ -1,0 +1,243 @@
+"""mlxkv caches against float32 references and against mlx-lm's own caches."""
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import KVCache
+
+import mlxkv
+from mlxkv.cache.base import CompressedCache
+from mlxkv.cache.config import CacheConfig, make_cache
+from mlxkv.cache.quantized import QuantizedCache
+from mlxkv.cache.window import WindowCache
+from mlxkv.errors import InputError
+
+from conftest import tiny_model
+
+
+def ref_attention(q, k, v, scale, mask=None):
+    """Float32 softmax attention with GQA; mask (L, T) bool."""
+    B, Hq, L, D = q.shape
+    H = k.shape[1]
+    q = q.astype(mx.float32).reshape(B, H, Hq // H, L, D)
+    s = (q * scale) @ k.astype(mx.float32)[:, :, None].swapaxes(-1, -2)
+    if mask is not None:
+        s = mx.where(mask, s, -mx.inf)
+    out = mx.softmax(s, axis=-1) @ v.astype(mx.float32)[:, :, None]
+    return out.reshape(B, Hq, L, -1)
+
+
+def causal(L, T):
+    return (mx.arange(T)[None] <= (T - L + mx.arange(L))[:, None])
+
+
+# Relative error of quantized attention vs float attention on Gaussian K/V (documented bounds).
+ERROR_BOUNDS = {8: 0.02, 4: 0.15, 3: 0.3, 2: 0.6}
+
+
+def _feed(cache, k, v, chunk):
+    for i in range(0, k.shape[2], chunk):
+        cache.update_and_fetch(k[:, :, i:i + chunk], v[:, :, i:i + chunk])
+        if chunk > 1 and cache._pending is not None:
+            cache._commit()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("mode", ["token", "channel"])
+@pytest.mark.parametrize("T", [1, 2, 31, 33, 257])
+def test_quantized_attention_matches_its_own_dequantized_storage(bits, mode, T):
+    """The fused path (scores straight from packed storage) equals attention over the
+    dequantized cache, and stays within the documented error of float attention."""
+    mx.random.seed(T * 10 + bits)
+    B, H, rep, D = 1, 2, 3, 64
+    k, v = mx.random.normal((B, H, T, D)), mx.random.normal((B, H, T, D))
+    q = mx.random.normal((B, H * rep, 1, D))
+    cache = QuantizedCache(key_bits=bits, value_bits=bits, group_size=32, key_mode=mode)
+    _feed(cache, k, v, 16)
+    out = cache.attend(q, scale=D ** -0.5)
+    dk, dv = cache.dequantized()
+    assert dk.shape[2] == T
+    assert mx.allclose(out, ref_attention(q, dk, dv, D ** -0.5), atol=1e-4).item()
+    exact = ref_attention(q, k, v, D ** -0.5)
+    err = (mx.linalg.norm(out - exact) / mx.linalg.norm(exact)).item()
+    assert err < ERROR_BOUNDS[bits]
+
+
+@pytest.mark.parametrize("gqa", [1, 3, 8])
+@pytest.mark.parametrize("D", [64, 128])
+def test_chunked_prefill_attention_with_residual_and_rotation(gqa, D):
+    """A multi-token chunk over a cache holding sinks-less ring + residual + pending
+    tokens: causal within the chunk, right against a float32 reference."""
+    mx.random.seed(gqa + D)
+    B, H, T, L = 1, 2, 100, 7
+    k, v = mx.random.normal((B, H, T + L, D)), mx.random.normal((B, H, T + L, D))
+    q = mx.random.normal((B, H * gqa, L, D))
+    cache = QuantizedCache(key_bits=8, value_bits=8, group_size=64, residual=16, rotate=True)
+    _feed(cache, k[:, :, :T], v[:, :, :T], 32)
+    cache.update_and_fetch(k[:, :, T:], v[:, :, T:])
+    out = cache.attend(q, scale=0.1)
+    exact = ref_attention(q, k, v, 0.1, causal(L, T + L))
+    assert (mx.linalg.norm(out - exact) / mx.linalg.norm(exact)).item() < 0.02
+    assert cache.offset == T + L and cache.res_len >= 16
+
+
+def test_window_chunked_equals_token_by_token_and_sinks_stay_visible():
+    mx.random.seed(0)
+    B, H, D, T = 1, 2, 32, 90
+    k, v = mx.random.normal((B, H, T, D)), mx.random.normal((B, H, T, D))
+    qs = mx.random.normal((B, H, T, D))
+    S, W = 4, 20
+    one = WindowCache(window=W, sinks=S)
+    outs = []
+    for t in range(T):
+        one.update_and_fetch(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        outs.append(one.attend(qs[:, :, t:t + 1], scale=0.2))
+    token_by_token = mx.concatenate(outs, axis=2)
+    chunked = WindowCache(window=W, sinks=S)
+    parts = []
+    for i in range(0, T, 32):
+        chunked.update_and_fetch(k[:, :, i:i + 32], v[:, :, i:i + 32])
+        parts.append(chunked.attend(qs[:, :, i:i + 32], scale=0.2))
+    assert mx.allclose(mx.concatenate(parts, axis=2), token_by_token, atol=1e-5).item()
+    # Reference: each query sees the sinks and its last W tokens.
+    pos = mx.arange(T)
+    mask = (pos[None] <= pos[:, None]) & ((pos[None] < S) | (pos[None] > pos[:, None] - W))
+    assert mx.allclose(token_by_token, ref_attention(qs, k, v, 0.2, mask), atol=1e-5).item()
+    assert one.nbytes == chunked.nbytes and one.size() == S + W
+
+
+def test_quantized_window_keeps_memory_constant():
+    mx.random.seed(1)
+    cache = WindowCache(window=64, sinks=4, key_bits=4, value_bits=4, group_size=32,
+                        key_mode="channel", residual=32)
+    sizes = []
+    for i in range(40):
+        k = mx.random.normal((1, 2, 17, 64))
+        cache.update_and_fetch(k, k)
+        cache.attend(mx.random.normal((1, 4, 17, 64)), scale=0.1)
+        sizes.append(cache.nbytes)
+    assert len(set(sizes[10:])) == 1
+    st = cache.layer_stats()
+    assert st.kept + st.evicted == st.seen == 680
+    assert st.kept <= 4 + 64 + 32
+
+
+def _logits(model, cache, tokens, chunk):
+    out = []
+    for i in range(0, len(tokens), chunk):
+        out.append(model(mx.array([tokens[i:i + chunk]]), cache=cache))
+    return mx.concatenate(out, axis=1)
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("qwen3", dict(head_dim=64, num_key_value_heads=1)),
+    ("gemma2", dict(head_dim=32, num_key_value_heads=2, query_pre_attn_scalar=32,
+                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    ("phi3", dict(num_key_value_heads=4, head_dim=None)),
+])
+def test_full_cache_equals_mlx_lm_kvcache_on_other_architectures(arch, overrides):
+    model = tiny_model(arch, **overrides)
+    tokens = list(range(3, 60))
+    ours = make_cache(model, CacheConfig())
+    theirs = [KVCache() for _ in model.layers]
+    a = _logits(model, ours, tokens, 16)
+    b = _logits(model, theirs, tokens, 16)
+    assert mx.array_equal(a, b).item()
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("qwen3", dict(head_dim=64, num_key_value_heads=1)),
+    ("phi3", dict(num_key_value_heads=4, head_dim=None)),
+])
+def test_quantized_8bit_close_to_full_on_other_architectures(arch, overrides):
+    model = tiny_model(arch, **overrides)
+    tokens = list(range(3, 60))
+    full = _logits(model, make_cache(model, CacheConfig()), tokens, 16)
+    q8 = _logits(model, make_cache(model, CacheConfig(key_bits=8, value_bits=8, group_size=32)),
+                 tokens, 16)
+    assert mx.abs(full - q8).max().item() < 0.05 * mx.abs(full).max().item()
+
+
+def test_full_cache_equals_mlx_lm_on_default_model(smollm, paris_prompt):
+    model, tok = smollm
+    a = _logits(model, make_cache(model), paris_prompt, 8)
+    b = _logits(model, [KVCache() for _ in model.layers], paris_prompt, 8)
+    assert mx.array_equal(a, b).item()
+
+
+def test_8bit_greedy_matches_full_for_32_tokens(smollm):
+    model, tok = smollm
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
+        add_generation_prompt=True)
+
+    def greedy(cache):
+        ids = []
+        for e in mlxkv.stream_generate(model, tok, prompt, max_tokens=32, cache=cache):
+            ids.extend(e.tokens)
+        return ids
+
+    full = greedy(make_cache(model))
+    q8 = greedy(make_cache(model, CacheConfig(key_bits=8, value_bits=8, group_size=32)))
+    assert len(full) == 32 and q8 == full
+
+
+def test_window_on_default_model_chunked_equals_token_by_token(smollm):
+    model, tok = smollm
+    tokens = tok.encode("The quick brown fox jumps over the lazy dog. " * 12)[:120]
+    cfg = CacheConfig(window=40, sinks=4)
+    a = _logits(model, make_cache(model, cfg), tokens, 1)
+    b = _logits(model, make_cache(model, cfg), tokens, 32)
+    assert mx.abs(a - b).max().item() < 1e-3
+
+
+def test_window_memory_constant_after_4k_prompt(smollm):
+    model, tok = smollm
+    cache = make_cache(model, CacheConfig(window=252, sinks=4))
+    tokens = mx.random.randint(0, 40000, (4096,), key=mx.random.key(0))
+    sizes = []
+    for i in range(0, 4096, 512):
+        model(tokens[None, i:i + 512], cache=cache)
+        mx.eval([c.state for c in cache])
+        sizes.append(sum(c.nbytes for c in cache))
+    for t in range(8):
+        model(mx.array([[t + 5]]), cache=cache)
+        sizes.append(sum(c.nbytes for c in cache))
+    assert len(set(sizes)) == 1
+    st = mlxkv.cache_stats(cache)
+    assert st.seen == 4104 and st.kept == 256
+    assert all(s.kept + s.evicted == s.seen for s in st.layers)
+
+
+def test_routing_leaves_foreign_caches_on_mlx_lm_path(smollm, paris_prompt):
+    model, _ = smollm
+    make_cache(model, CacheConfig(key_bits=4, value_bits=4, group_size=32))  # routes the module
+    a = _logits(model, [KVCache() for _ in model.layers], paris_prompt, 8)
+    b = _logits(model, make_cache(model), paris_prompt, 8)
+    assert mx.array_equal(a, b).item()
+    assert isinstance(make_cache(model, CacheConfig(window=8))[0], CompressedCache)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(key_bits=5), "key_bits"), (dict(group_size=48), "group_size"),
+    (dict(key_bits=4, group_size=128), "does not divide"), (dict(key_mode="channel"), "needs key_bits"),
+    (dict(residual=8), "residual only"), (dict(rotate=True), "rotate only"),
+    (dict(window=0), "window must be"), (dict(window=64, start=10), "start applies"),
+    (dict(window=16, key_bits=4, residual=32), "larger than the residual"),
+])
+def test_impossible_configs_are_clear_errors(smollm, kwargs, needle):
+    model, _ = smollm
+    with pytest.raises(InputError, match=needle):
+        make_cache(model, CacheConfig(**kwargs))
+
+
+def test_trim_and_stats_of_quantized_cache():
+    cache = QuantizedCache(key_bits=4, value_bits=4, group_size=32, residual=32)
+    x = mx.random.normal((1, 2, 100, 64))
+    cache.update_and_fetch(x, x)
+    cache._commit()
+    st = cache.layer_stats()
+    assert st.seen == 100 and st.kept_quantized == {4: 64} and st.kept_full == 36
+    assert st.nbytes == cache.nbytes == sum(a.nbytes for a in cache.state)
+    assert cache.trim(40) == 40 and cache.offset == 60
+    dk, _ = cache.dequantized()
+    assert dk.shape[2] == 60
