@@ -58,3 +58,26 @@ def test_chat_repl_reuses_history(smollm):
             stdin="What is the capital of France?\nRepeat the city name.\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Paris") >= 2
+
+
+def test_bench_writes_rows_with_ratios(smollm, tmp_path):
+    out = tmp_path / "bench.json"
+    md = tmp_path / "bench.md"
+    r = run("bench", "--contexts", "40,80", "--decode", "2", "--window", "32",
+            "--config", "mlxkv 4-bit", "--config", "mlxkv window 32", "--json", str(out),
+            "--markdown", str(md))
+    assert r.returncode == 0, r.stderr
+    import json
+
+    rows = json.loads(out.read_text())
+    assert [(x["config"], x["context"]) for x in rows] == [
+        ("mlx-lm KVCache", 40), ("mlxkv 4-bit", 40), ("mlxkv window 32", 40),
+        ("mlx-lm KVCache", 80), ("mlxkv 4-bit", 80), ("mlxkv window 32", 80)]
+    base = rows[3]
+    assert base["ratio"] == 1.0
+    quant = rows[4]
+    assert quant["kv_bytes"] < base["kv_bytes"] / 3
+    assert rows[5]["kv_bytes"] == rows[2]["kv_bytes"]  # the window does not grow
+    assert "| mlxkv 4-bit | 80 |" in md.read_text()
+    r = run("bench", "--config", "nope")
+    assert r.returncode == 2 and "unknown bench config" in r.stderr
