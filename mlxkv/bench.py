@@ -195,4 +195,4 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--markdown", help="write a Markdown table here")
     b.set_defaults(func=cmd_bench, kv_bits=None, kv_key_bits=None, kv_value_bits=None,
                    kv_group_size=None, kv_key_mode=None, kv_residual=None, kv_rotate=None,
-                   kv_window=None, kv_sinks=None, kv_start=None, max_kv_size=None)
+                   kv_window=None, kv_sinks=None, kv_start=None, max_kv_size=None, kv_budget=None)

@@ -18,6 +18,7 @@ CACHE_FLAGS = {
     "kv_window": "window",
     "kv_sinks": "sinks",
     "kv_start": "start",
+    "kv_budget": "budget",
 }
 
 
@@ -41,6 +42,9 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-window", type=int, default=None, help="keep only sinks + this many recent tokens")
     g.add_argument("--kv-sinks", type=int, default=None, help="attention sinks kept with a window (default 4)")
     g.add_argument("--kv-start", type=int, default=None, help="tokens seen before quantizing starts")
+    g.add_argument("--kv-budget", default=None, metavar="SIZE",
+                   help="bytes the whole model's KV may take, e.g. 64MB or 48MiB; the cache "
+                        "keeps sinks + the most recent tokens that fit (quantized with --kv-bits)")
     g.add_argument("--max-kv-size", type=int, default=None,
                    help="mlx-lm's name for a window: at most this many tokens, 4 of them sinks")
 
@@ -146,7 +150,8 @@ def cmd_generate(args) -> int:
         print(f"prompt: {last.prompt_tokens} tokens, {last.prefill_tps:.1f} tokens/s", file=sys.stderr)
         print(f"generation: {last.generated_tokens} tokens, {last.decode_tps:.1f} tokens/s "
               f"(finish: {last.finish_reason})", file=sys.stderr)
-        print(f"KV cache: {_format_bytes(st.nbytes)} for {st.seen} tokens "
+        budget = f" of a {_format_bytes(st.budget)} budget" if st.budget else ""
+        print(f"KV cache: {_format_bytes(st.nbytes)}{budget} for {st.seen} tokens "
               f"({st.kept} kept, {st.compression:.2f}x vs fp16)", file=sys.stderr)
     return 0
 

@@ -241,3 +241,17 @@ def test_trim_and_stats_of_quantized_cache():
     assert cache.trim(40) == 40 and cache.offset == 60
     dk, _ = cache.dequantized()
     assert dk.shape[2] == 60
+
+
+def test_query_blocks_bound_the_score_matrix_without_changing_results():
+    mx.random.seed(5)
+    k, v = mx.random.normal((1, 2, 300, 64)), mx.random.normal((1, 2, 300, 64))
+    q = mx.random.normal((1, 6, 45, 64))
+    outs = []
+    for block in (1 << 22, 2 * 3 * 300 * 4):  # one block; blocks of 4 queries
+        cache = WindowCache(window=100, sinks=4, key_bits=4, value_bits=4, group_size=32)
+        _feed(cache, k[:, :, :255], v[:, :, :255], 64)
+        cache.block_elements = block
+        cache.update_and_fetch(k[:, :, 255:], v[:, :, 255:])
+        outs.append(cache.attend(q, scale=0.125))
+    assert mx.allclose(outs[0], outs[1], atol=1e-5).item()

@@ -233,8 +233,12 @@ class CompressedCache:
             flushed = mx.where(pos + 1 >= self.start, flushed, 0)
         return self.sinks + mx.maximum(flushed - self.capacity, 0)
 
-    def _segments(self):
-        """(key codec, key storage, value codec, value storage, positions) per segment."""
+    def _segments(self, dense_after: mx.array | None = None):
+        """(key codec, key storage, value codec, value storage, positions) per segment.
+
+        With ``dense_after`` the ring comes dequantized (for a chunk of queries), computed
+        only once that array is: so each layer's transient copy exists while that layer
+        runs, not all layers' copies at once when a whole forward pass is evaluated."""
         segs = []
         if self.n_sinks:
             segs.append((_FLOAT, (self.sink_k[..., : self.n_sinks, :],), _FLOAT,
@@ -247,8 +251,13 @@ class CompressedCache:
                 pos = self.sinks + last - (last - i) % self.capacity
             else:
                 pos = self.sinks + self.flushed - self.ring_len + i
-            segs.append((self.kc, self.kc.slots(self.ring_k, n), self.vc,
-                         self.vc.slots(self.ring_v, n), pos))
+            ks, vs = self.kc.slots(self.ring_k, n), self.vc.slots(self.ring_v, n)
+            if dense_after is not None:
+                ks = tuple(mx.depends(list(ks), [dense_after]))
+                vs = tuple(mx.depends(list(vs), [dense_after]))
+                segs.append((_FLOAT, (self.kc.decode(ks),), _FLOAT, (self.vc.decode(vs),), pos))
+            else:
+                segs.append((self.kc, ks, self.vc, vs, pos))
         if self.res_len:
             first = self.sinks + self.flushed
             segs.append((_FLOAT, (self.res_k[..., : self.res_len, :],), _FLOAT,
@@ -259,37 +268,61 @@ class CompressedCache:
             segs.append((_FLOAT, (k,), _FLOAT, (v,), p0 + mx.arange(k.shape[2])))
         return segs
 
+    # Score-matrix elements one block of a multi-token chunk may materialize (16 MB fp32).
+    block_elements = 1 << 22
+
     def attend(self, queries: mx.array, *, scale: float, mask=None) -> mx.array:
         """Attention of ``queries`` (B, n_heads, L, D) over this cache -> (B, n_heads, L, Dv).
 
         ``mask`` from the model is not needed: the cache knows every token's position.
+        One query (decode) is scored straight from the packed storage. A chunk of
+        queries (prefill) dequantizes the ring once for this layer (a transient array,
+        freed after the layer) and is processed in blocks of queries, so its score
+        matrix stays under ``block_elements`` whatever the prompt length.
         """
         B, Hq, L, D = queries.shape
         H = self.sink_k.shape[1]
         rep = Hq // H
         q = self._rot(queries) if self.rotate else queries
-        q = (q * scale).reshape(B, H, rep * L, D)
-        segs = self._segments()
-        scores = mx.concatenate([kc.scores(q, ks) for kc, ks, _, _, _ in segs], axis=-1)
-        if L > 1:
-            qpos = self.offset - L + mx.arange(L)[:, None]
-            kpos = mx.concatenate([p for *_, p in segs])[None, :]
+        q = (q * scale).reshape(B, H, rep, L, D)
+        segs = self._segments(dense_after=q if L > 1 else None)
+        if L == 1:
+            out = self._attend_block(q.reshape(B, H, rep, D), segs, None)
+            return out.reshape(B, Hq, 1, -1)
+        kpos = mx.concatenate([p for *_, p in segs])[None, :]
+        T = kpos.shape[1]
+        step = max(1, self.block_elements // (B * H * rep * T))
+        outs = []
+        for i in range(0, L, step):
+            qpos = self.offset - L + mx.arange(i, min(i + step, L))[:, None]
             visible = kpos <= qpos
             if self.bounded:
                 visible = visible & ((kpos < self.sinks) | (kpos >= self._lowest_visible(qpos)))
-            T = kpos.shape[1]
-            scores = mx.where(visible, scores.reshape(B, H, rep, L, T),
-                              mx.finfo(scores.dtype).min).reshape(B, H, rep * L, T)
+            qb = q[:, :, :, i : i + step]
+            n = qb.shape[3]
+            o = self._attend_block(qb.reshape(B, H, rep * n, D), segs, visible)
+            outs.append(o.reshape(B, H, rep, n, -1))
+        self._commit()
+        out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
+        return out.reshape(B, Hq, L, -1)
+
+    def _attend_block(self, q, segs, visible):
+        """q (B, H, M, D), M = rep * n rows; visible (n, T) or None."""
+        parts = [kc.scores(q, ks) for kc, ks, _, _, _ in segs]
+        scores = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+        if visible is not None:
+            B, H, M, T = scores.shape
+            n = visible.shape[0]
+            scores = mx.where(visible, scores.reshape(B, H, M // n, n, T),
+                              mx.finfo(scores.dtype).min).reshape(B, H, M, T)
         probs = mx.softmax(scores.astype(mx.float32), axis=-1, precise=True).astype(q.dtype)
         out, at = None, 0
         for _, _, vc, vs, pos in segs:
             n = pos.shape[0]
-            part = vc.weighted(probs[..., at : at + n], vs)
+            part = vc.weighted(probs[..., at : at + n] if len(segs) > 1 else probs, vs)
             out = part if out is None else out + part
             at += n
-        if L > 1:
-            self._commit()
-        return out.reshape(B, Hq, L, -1)
+        return out
 
     # ----- persistence --------------------------------------------------------------
     _COUNTERS = ("offset", "flushed", "ring_len", "res_len", "n_sinks", "_alloc")

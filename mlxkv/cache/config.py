@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from ..budget import format_bytes, parse_bytes, token_bytes
 from ..errors import InputError
 from .codec import BITS, GROUP_SIZES
 from .full import FullCache
@@ -26,7 +28,11 @@ class CacheConfig:
       "channel" (KIVI), ``residual`` recent tokens at full precision, ``rotate`` keys with
       a randomized Hadamard transform, ``start``: tokens seen before quantizing begins;
     - ``window``: ``WindowCache`` of ``sinks`` + ``window`` recent tokens, quantized when
-      bits are set.
+      bits are set;
+    - ``budget`` (bytes, or a size such as "64MB"): the whole model's KV never takes more.
+      It is split evenly over the attention layers; each layer keeps its sinks and most
+      recent tokens at full precision, older tokens quantized (when bits are set) and
+      evicts the oldest beyond that. ``window`` is then derived from the budget.
     """
 
     key_bits: int | None = None
@@ -39,6 +45,7 @@ class CacheConfig:
     sinks: int = 4
     start: int = 0
     seed: int = 0
+    budget: int | str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -46,6 +53,8 @@ class CacheConfig:
 
     @property
     def kind(self) -> str:
+        if self.budget is not None:
+            return "budget"
         return "window" if self.window is not None else "quantized" if self.quantized else "full"
 
     def check(self, head_dim: int | None = None) -> "CacheConfig":
@@ -85,6 +94,12 @@ class CacheConfig:
                 problems.append("start applies to the growing quantized cache, not to a window")
             if self.quantized and self.window <= self.residual:
                 problems.append(f"window ({self.window}) must be larger than the residual ({self.residual})")
+        if self.budget is not None:
+            parse_bytes(self.budget)
+            if self.window is not None:
+                problems.append("give a budget or a window, not both (the budget sets the window)")
+            if self.start:
+                problems.append("start applies to the growing quantized cache, not to a budget")
         if problems:
             raise InputError("invalid cache settings: " + "; ".join(problems))
         return self
@@ -114,11 +129,14 @@ class CacheConfig:
                 parts.append("rotated keys")
         if self.window is not None:
             parts.append(f"window {self.window} + {self.sinks} sinks")
+        if self.budget is not None:
+            parts.append(f"budget {format_bytes(parse_bytes(self.budget))}")
         return ", ".join(parts)
 
-    def layer_cache(self, layer: int):
-        if self.window is not None:
-            return WindowCache(window=self.window, sinks=self.sinks, key_bits=self.key_bits,
+    def layer_cache(self, layer: int, window: int | None = None):
+        window = window or self.window
+        if window is not None:
+            return WindowCache(window=window, sinks=self.sinks, key_bits=self.key_bits,
                                value_bits=self.value_bits, group_size=self.group_size,
                                key_mode=self.key_mode, residual=self.residual,
                                rotate=self.rotate, seed=self.seed + layer)
@@ -140,4 +158,43 @@ def make_cache(model, config: CacheConfig | None = None) -> list:
     if config.kind != "full":
         route_attention(model)
     caches = make_prompt_cache(model)
-    return [config.layer_cache(i) if type(c) is KVCache else c for i, c in enumerate(caches)]
+    ours = [i for i, c in enumerate(caches) if type(c) is KVCache]
+    window = None
+    if config.budget is not None:
+        window = budget_window(model, config, len(ours))
+    for i in ours:
+        caches[i] = config.layer_cache(i, window)
+        if config.budget is not None:
+            caches[i].budget = parse_bytes(config.budget) // len(ours)
+    return caches
+
+
+def budget_window(model, config: CacheConfig, n_layers: int) -> int:
+    """The window each layer can keep within its share of the budget (uniform split):
+    sinks and residual buffer at full precision, the rest in the ring's codecs."""
+    from mlx.utils import tree_flatten
+
+    from ..adapter import model_head_dim
+
+    head_dim = model_head_dim(model)
+    kv_heads = model.args.num_key_value_heads or model.args.num_attention_heads
+    dtype_size = next(v.dtype.size for _, v in tree_flatten(model.parameters())
+                      if mx.issubdtype(v.dtype, mx.floating))
+    per_layer = parse_bytes(config.budget) // max(n_layers, 1)
+    probe = WindowCache(window=max(config.residual, 1) + 1, sinks=config.sinks,
+                        key_bits=config.key_bits, value_bits=config.value_bits,
+                        group_size=config.group_size, key_mode=config.key_mode,
+                        residual=config.residual)
+    full = 2 * kv_heads * head_dim * dtype_size  # one token's K and V at full precision
+    fixed = (config.sinks + config.residual + probe.unit) * full
+    ring_token = (token_bytes(probe.kc, head_dim, kv_heads, dtype_size)
+                  + token_bytes(probe.vc, head_dim, kv_heads, dtype_size))
+    ring = int((per_layer - fixed) // ring_token) // probe.unit * probe.unit
+    if ring < probe.unit:
+        need = n_layers * (fixed + probe.unit * ring_token)
+        raise InputError(
+            f"a KV budget of {format_bytes(parse_bytes(config.budget))} is too small for this "
+            f"model and cache: {n_layers} layers need at least {format_bytes(need)} for "
+            f"{config.sinks} sinks, the residual and one block of {probe.unit} tokens")
+    return ring + config.residual
+

@@ -1,0 +1,109 @@
+"""Save a conversation's KV cache in its compressed form, and load it back.
+
+One ``.safetensors`` file: every layer's arrays as stored (packed, quantized) plus
+metadata: the format version, the model's identity, the cache config, each layer's
+counters and the token ids the cache holds. A load into another model or with a
+config that does not match is a clear error; a save is atomic (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+from .cache.base import CompressedCache
+from .cache.config import CacheConfig, make_cache
+from .cache.full import FullCache
+from .errors import CacheFileError
+
+FORMAT = "mlxkv-cache-1"
+
+
+def _layer_arrays(c) -> tuple[list[mx.array], list[str]]:
+    if isinstance(c, FullCache):
+        if c.keys is None:
+            return [], ["0"]
+        return [c.keys[..., : c.offset, :], c.values[..., : c.offset, :]], [str(c.offset)]
+    return list(c.state), list(c.meta_state)
+
+
+def save_cache(path: str | Path, cache: list, *, model, config: CacheConfig,
+               tokens: list[int], extra: dict | None = None) -> Path:
+    """Write ``cache`` to ``path`` (a .safetensors file), atomically."""
+    path = Path(path)
+    arrays, metas, classes = {}, [], []
+    for i, c in enumerate(cache):
+        layer, meta = _layer_arrays(c)
+        for j, a in enumerate(layer):
+            arrays[f"layer.{i}.{j}"] = a
+        metas.append(meta)
+        classes.append(type(c).__name__)
+    metadata = {
+        "format": FORMAT,
+        "model": json.dumps(model.mlxkv_identity, sort_keys=True),
+        "config": json.dumps(config.to_dict(), sort_keys=True),
+        "classes": json.dumps(classes),
+        "meta": json.dumps(metas),
+        "tokens": json.dumps([int(t) for t in tokens]),
+        "extra": json.dumps(extra or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays, metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_cache(path: str | Path, model) -> tuple[list, CacheConfig, list[int], dict]:
+    """Read a saved cache for ``model``: (cache, config, token ids, extra metadata)."""
+    path = Path(path)
+    if not path.exists():
+        raise CacheFileError(f"no saved cache at {path}")
+    try:
+        arrays, meta = mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise CacheFileError(f"{path} is not a readable cache file: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise CacheFileError(f"{path} is not an mlxkv cache file (format {meta.get('format')!r})")
+    try:
+        identity = json.loads(meta["model"])
+        config = CacheConfig(**json.loads(meta["config"]))
+        classes, metas = json.loads(meta["classes"]), json.loads(meta["meta"])
+        tokens, extra = json.loads(meta["tokens"]), json.loads(meta["extra"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CacheFileError(f"{path} has damaged metadata: {e}") from None
+    if identity != model.mlxkv_identity:
+        raise CacheFileError(f"{path} was saved with model {identity.get('name')!r} "
+                             f"({identity}), not the loaded {model.mlxkv_identity.get('name')!r}")
+    cache = make_cache(model, config)
+    if [type(c).__name__ for c in cache] != classes:
+        raise CacheFileError(f"{path} holds caches {sorted(set(classes))} that do not fit this model")
+    for i, (c, m) in enumerate(zip(cache, metas)):
+        layer = [arrays[f"layer.{i}.{j}"] for j in range(sum(1 for k in arrays if k.startswith(f"layer.{i}.")))]
+        if isinstance(c, FullCache):
+            if layer:
+                c.update_and_fetch(*layer)
+            continue
+        c.state = layer
+        c.meta_state = m
+        if isinstance(c, CompressedCache) and layer and not _consistent(c):
+            raise CacheFileError(f"{path}: layer {i}'s arrays do not match its counters")
+    if cache and cache[0].offset != len(tokens):
+        raise CacheFileError(f"{path}: the cache holds {cache[0].offset} tokens but "
+                             f"{len(tokens)} token ids were saved")
+    return cache, config, tokens, extra
+
+
+def _consistent(c: CompressedCache) -> bool:
+    """A loaded cache's counters fit inside its arrays."""
+    return (c.n_sinks <= c.sink_k.shape[2] and c.res_len <= c.res_k.shape[2]
+            and c.ring_len <= c._alloc and (c.ring_len == 0 or c.ring_k is not None))
