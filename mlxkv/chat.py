@@ -86,3 +86,23 @@ class ChatSession:
 
     def ask(self, text: str, **overrides) -> str:
         return "".join(e.text for e in self.send(text, **overrides))
+
+    def save(self, path) -> None:
+        """Save the conversation with its compressed cache (see ``mlxkv.persist``)."""
+        from .persist import save_cache
+
+        save_cache(path, self.cache, model=self.model, config=self.cache_config,
+                   tokens=self.cached_tokens,
+                   extra={"messages": self.messages, "system": self.system})
+
+    @classmethod
+    def resume(cls, path, model, tokenizer, **generation) -> "ChatSession":
+        """A session from ``save``: the next turn feeds only its own tokens."""
+        from .persist import load_cache
+
+        cache, config, tokens, extra = load_cache(path, model)
+        session = cls(model, tokenizer, cache_config=config, system=extra.get("system"),
+                      **generation)
+        session.cache, session.cached_tokens = cache, tokens
+        session.messages = list(extra.get("messages", []))
+        return session

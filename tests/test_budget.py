@@ -161,3 +161,18 @@ def test_interrupted_save_leaves_the_old_file(smollm, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_cache(path, model)[2] == [1, 2, 3]
     assert json.loads(json.dumps(config.to_dict()))["budget"] is None
+
+
+def test_chat_resumes_from_saved_cache_without_reprefill(smollm, tmp_path):
+    model, tok = smollm
+    config = CacheConfig(budget="8MB", key_bits=8, value_bits=8, group_size=32)
+    chat = mlxkv.ChatSession(model, tok, cache_config=config, max_tokens=16)
+    chat.ask("What is the capital of France?")
+    chat.save(tmp_path / "chat.safetensors")
+    resumed = mlxkv.ChatSession.resume(tmp_path / "chat.safetensors", model, tok, max_tokens=16)
+    assert resumed.messages == chat.messages and resumed.cached_tokens == chat.cached_tokens
+    fed = []
+    original = resumed._suffix
+    resumed._suffix = lambda prompt: fed.append(len(out := original(prompt))) or out
+    assert resumed.ask("And of Italy?") == chat.ask("And of Italy?")
+    assert fed[0] < 20
