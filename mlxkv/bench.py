@@ -52,6 +52,9 @@ def _factories(model, window: int) -> dict[str, Callable[[], list]]:
         f"mlxkv window {window}": lambda: make_cache(model, CacheConfig(window=window - 4, sinks=4)),
         f"mlxkv 4-bit window {window}": lambda: make_cache(model, CacheConfig(
             window=window - 4, sinks=4, key_bits=4, value_bits=4, group_size=group)),
+        "mlxkv budget 16MB 4-bit": lambda: make_cache(model, CacheConfig(
+            budget="16MB", key_bits=4, value_bits=4, group_size=group, key_mode="channel",
+            residual=64)),
     }
 
 
