@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from .budget import format_bytes
 from .errors import InputError, MlxkvError
 
 CACHE_FLAGS = {
@@ -107,14 +108,6 @@ def load_for_args(args, quiet: bool = False):
     return model, tokenizer, resolved, config
 
 
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
 def cmd_generate(args) -> int:
     from .cache.config import make_cache
     from .generation import stream_generate
@@ -150,8 +143,8 @@ def cmd_generate(args) -> int:
         print(f"prompt: {last.prompt_tokens} tokens, {last.prefill_tps:.1f} tokens/s", file=sys.stderr)
         print(f"generation: {last.generated_tokens} tokens, {last.decode_tps:.1f} tokens/s "
               f"(finish: {last.finish_reason})", file=sys.stderr)
-        budget = f" of a {_format_bytes(st.budget)} budget" if st.budget else ""
-        print(f"KV cache: {_format_bytes(st.nbytes)}{budget} for {st.seen} tokens "
+        budget = f" of a {format_bytes(st.budget)} budget" if st.budget else ""
+        print(f"KV cache: {format_bytes(st.nbytes)}{budget} for {st.seen} tokens "
               f"({st.kept} kept, {st.compression:.2f}x vs fp16)", file=sys.stderr)
     return 0
 
@@ -184,7 +177,7 @@ def cmd_chat(args) -> int:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
             st = event.cache
-            print(f"\n[{event.decode_tps:.1f} tok/s, KV {_format_bytes(st.nbytes)}, "
+            print(f"\n[{event.decode_tps:.1f} tok/s, KV {format_bytes(st.nbytes)}, "
                   f"{st.seen} tokens]")
         except InputError as e:
             print(f"mlxkv: {e}", file=sys.stderr)

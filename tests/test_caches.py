@@ -190,12 +190,13 @@ def test_window_on_default_model_chunked_equals_token_by_token(smollm):
     assert mx.abs(a - b).max().item() < 1e-3
 
 
-def test_window_memory_constant_after_4k_prompt(smollm):
+@pytest.mark.parametrize("prompt", [4096, pytest.param(20480, marks=pytest.mark.slow)])
+def test_window_memory_constant_after_long_prompt(smollm, prompt):
     model, tok = smollm
     cache = make_cache(model, CacheConfig(window=252, sinks=4))
-    tokens = mx.random.randint(0, 40000, (4096,), key=mx.random.key(0))
+    tokens = mx.random.randint(0, 40000, (prompt,), key=mx.random.key(0))
     sizes = []
-    for i in range(0, 4096, 512):
+    for i in range(0, prompt, 512):
         model(tokens[None, i:i + 512], cache=cache)
         mx.eval([c.state for c in cache])
         sizes.append(sum(c.nbytes for c in cache))
@@ -204,7 +205,7 @@ def test_window_memory_constant_after_4k_prompt(smollm):
         sizes.append(sum(c.nbytes for c in cache))
     assert len(set(sizes)) == 1
     st = mlxkv.cache_stats(cache)
-    assert st.seen == 4104 and st.kept == 256
+    assert st.seen == prompt + 8 and st.kept == 256
     assert all(s.kept + s.evicted == s.seen for s in st.layers)
 
 

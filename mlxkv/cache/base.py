@@ -50,7 +50,7 @@ class CompressedCache:
         unit = max(key_codec.block, value_codec.block)
         if unit == 1 and residual > 0:
             # Flush the residual a group at a time, not a token at a time.
-            unit = max(getattr(c, "group", 1) for c in (key_codec, value_codec))
+            unit = max(c.group for c in (key_codec, value_codec) if c.bits is not None)
         self.unit = unit
         self.sinks = sinks
         self.residual = residual
