@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 from mlx_lm.utils import common_prefix_len
 
 from .cache.config import CacheConfig, make_cache
 from .errors import InputError
-from .generation import GenerationEvent, stream_generate
+from .generation import DEFAULT_PREFILL_STEP, GenerationEvent, prefill, stream_generate
 
 
 class ChatSession:
@@ -32,29 +32,60 @@ class ChatSession:
     def reset(self, keep_messages: bool = False) -> None:
         self.cache = make_cache(self.model, self.cache_config)
         self.cached_tokens: list[int] = []
+        self._last_reply_start = 0  # where the last reply's tokens begin in cached_tokens
+        self.last_fed = 0           # tokens the last turn fed to the model
         if not keep_messages:
             self.messages = []
 
-    def _render(self, messages) -> list[int]:
+    def _render_text(self, messages, generation_prompt: bool = True) -> str:
         full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
         if not self.tokenizer.has_chat_template:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in full) + "assistant: "
-            return list(self.tokenizer.encode(text))
-        return list(self.tokenizer.apply_chat_template(full, add_generation_prompt=True))
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in full)
+            return text + ("assistant: " if generation_prompt else "")
+        return self.tokenizer.apply_chat_template(full, add_generation_prompt=generation_prompt,
+                                                  tokenize=False)
 
-    def _suffix(self, prompt: list[int]) -> list[int]:
-        """The tokens to feed; trims (or rebuilds) the cache where it diverges from ``prompt``."""
+    def _render(self, messages, generation_prompt: bool = True) -> list[int]:
+        from .generation import encode_prompt
+
+        return encode_prompt(self.tokenizer, self._render_text(messages, generation_prompt))
+
+    def _suffix(self, prompt: list[int], messages) -> list[int]:
+        """The tokens to feed for ``prompt`` (the conversation ``messages`` rendered).
+
+        Usually the cache holds a prefix of it and the rest is fed. Where they diverge
+        (the reply re-tokenizes differently, or the history was edited), a trimmable
+        cache is trimmed back; a bounded cache (window, budget) cannot be, so when only
+        the last reply differs, what the template puts after that reply is fed on top
+        of the tokens the model generated; otherwise the cache is rebuilt."""
         n = common_prefix_len(self.cached_tokens, prompt)
         n = min(n, len(prompt) - 1)  # always feed at least one token
         extra = len(self.cached_tokens) - n
-        if extra:
-            trimmed = [c.trim(extra) if c.is_trimmable() else 0 for c in self.cache]
-            if any(t != extra for t in trimmed):
-                self.reset(keep_messages=True)
-                n = 0
-            else:
-                self.cached_tokens = self.cached_tokens[:n]
-        return prompt[n:]
+        if not extra:
+            return prompt[n:]
+        if all(c.is_trimmable() for c in self.cache):
+            for c in self.cache:
+                c.trim(extra)
+            self.cached_tokens = self.cached_tokens[:n]
+            return prompt[n:]
+        tail = self._after_last_reply(messages)
+        if tail is not None and n >= self._last_reply_start:
+            return tail
+        self.reset(keep_messages=True)
+        return prompt
+
+    def _after_last_reply(self, messages) -> list[int] | None:
+        """Tokens the template renders after the last assistant message (None if the
+        conversation does not end with the reply this cache generated)."""
+        if len(messages) < 2 or messages[-2]["role"] != "assistant":
+            return None
+        text = self._render_text(messages)
+        reply = messages[-2]["content"]
+        at = text.rfind(reply, 0, len(text) - len(messages[-1]["content"]))
+        if not reply or at < 0:
+            return None
+        tail = text[at + len(reply):]
+        return list(self.tokenizer.encode(tail, add_special_tokens=False))
 
     def send(self, text: str, **overrides) -> Iterator[GenerationEvent]:
         """Add a user message and stream the reply; the reply (even a partial one, if
@@ -63,7 +94,8 @@ class ChatSession:
             raise InputError("the message is empty")
         messages = self.messages + [{"role": "user", "content": text}]
         prompt = self._render(messages)
-        feed = self._suffix(prompt)
+        feed = self._suffix(prompt, messages)
+        self.last_fed = len(feed)
         held = self.cached_tokens
         start_offset = self.cache[0].offset
         reply, generated = [], []
@@ -82,7 +114,23 @@ class ChatSession:
             if self.messages is messages:
                 self.messages = messages + [{"role": "assistant", "content": "".join(reply)}]
                 fed = self.cache[0].offset - start_offset
+                self._last_reply_start = len(held) + len(feed)
                 self.cached_tokens = (held + feed + generated)[: len(held) + fed]
+
+    def reconfigure(self, config: CacheConfig,
+                    progress: Callable[[int, int], None] | None = None) -> None:
+        """Switch to another cache config, rebuilding the cache from the conversation
+        (``progress(done, total)`` is called during the prefill). If the new config is
+        invalid the session is left as it was."""
+        cache = make_cache(self.model, config)  # raises before anything changes
+        tokens = self._render(self.messages, generation_prompt=False) if self.messages else []
+        self.cache_config, self.cache, self.cached_tokens = config, cache, []
+        if not tokens:
+            return
+        step = self.generation.get("prefill_step", DEFAULT_PREFILL_STEP)
+        prefill(self.model, tokens, self.cache, prefill_step=step, progress=progress)
+        self.cached_tokens = tokens
+        self._last_reply_start = len(self.cached_tokens)
 
     def ask(self, text: str, **overrides) -> str:
         return "".join(e.text for e in self.send(text, **overrides))

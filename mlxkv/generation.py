@@ -222,6 +222,19 @@ def stream_generate(
                           cache_stats(cache), finish)
 
 
+def prefill(model, tokens: Sequence[int], cache: list, *, prefill_step: int = DEFAULT_PREFILL_STEP,
+            progress: Callable[[int, int], None] | None = None) -> None:
+    """Feed ``tokens`` into ``cache`` in chunks without generating (``progress(done, total)``
+    after each chunk)."""
+    tokens = mx.array(list(tokens))
+    total = tokens.size
+    for start in range(0, total, prefill_step):
+        model(tokens[start:start + prefill_step][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        if progress is not None:
+            progress(min(start + prefill_step, total), total)
+
+
 def generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens: int = 256,
              cache: list | None = None, **kwargs) -> str:
     """Generate and return the whole reply text (see ``stream_generate`` for the options)."""

@@ -171,8 +171,38 @@ def test_chat_resumes_from_saved_cache_without_reprefill(smollm, tmp_path):
     chat.save(tmp_path / "chat.safetensors")
     resumed = mlxkv.ChatSession.resume(tmp_path / "chat.safetensors", model, tok, max_tokens=16)
     assert resumed.messages == chat.messages and resumed.cached_tokens == chat.cached_tokens
-    fed = []
-    original = resumed._suffix
-    resumed._suffix = lambda prompt: fed.append(len(out := original(prompt))) or out
     assert resumed.ask("And of Italy?") == chat.ask("And of Italy?")
-    assert fed[0] < 20
+    assert resumed.last_fed == chat.last_fed < 20
+
+
+def test_budgeted_chat_continues_without_rebuilding(smollm):
+    """A bounded cache cannot be trimmed: over several turns only each new turn is fed,
+    and the cache holds every token the conversation went through."""
+    model, tok = smollm
+    config = CacheConfig(budget="4MB", key_bits=4, value_bits=4, group_size=32)
+    chat = mlxkv.ChatSession(model, tok, cache_config=config, max_tokens=48)
+    for question in ["Tell me a short story about a cat.", "What is its name?",
+                     "Write a haiku about rain.", "What is 2 + 2?"]:
+        before = chat.cache[0].offset
+        chat.ask(question)
+        assert chat.last_fed < 40
+        assert chat.cache[0].offset == len(chat.cached_tokens) > before
+    assert mlxkv.cache_stats(chat.cache).nbytes <= 4_000_000
+
+
+def test_reconfigure_rebuilds_from_the_conversation(smollm):
+    model, tok = smollm
+    chat = mlxkv.ChatSession(model, tok, max_tokens=16)
+    chat.ask("What is the capital of France?")
+    messages = list(chat.messages)
+    seen = []
+    chat.reconfigure(CacheConfig(key_bits=8, value_bits=8, group_size=32),
+                     progress=lambda done, total: seen.append((done, total)))
+    assert chat.messages == messages and seen and seen[-1][0] == seen[-1][1]
+    assert chat.cache_config.key_bits == 8
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=False)
+    assert chat.cache[0].offset == len(rendered) and chat.cached_tokens == list(rendered)
+    assert "Berlin" in chat.ask("And of Germany?")
+    with pytest.raises(mlxkv.MlxkvError, match="too small"):
+        chat.reconfigure(CacheConfig(budget="1KB"))
+    assert chat.cache_config.key_bits == 8 and len(chat.messages) == 4

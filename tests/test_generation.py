@@ -78,18 +78,9 @@ def test_multi_turn_reuses_cache_and_matches_reprefill(smollm):
     first = chat.ask("What is the capital of France?")
     assert "Paris" in first
     held = chat.cache[0].offset
-    fed = []
-    original = chat._suffix
-
-    def spy(prompt):
-        out = original(prompt)
-        fed.append(len(out))
-        return out
-
-    chat._suffix = spy
     second = chat.ask("And of Germany?")
     # Only the new turn was fed, not the history.
-    assert fed[0] < 20 and chat.cache[0].offset > held
+    assert chat.last_fed < 20 and chat.cache[0].offset > held
     # Same tokens as a fresh generation over the whole rendered history.
     prompt = tok.apply_chat_template(chat.messages[:-1], add_generation_prompt=True)
     assert mlxkv.generate(model, tok, prompt, max_tokens=24) == second
