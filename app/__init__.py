@@ -1,1 +1,5 @@
-"""The mlxkv Textual chat app (installed as ``mlxkv_app``)."""
+"""The mlxkv Textual chat app (installed as ``mlxkv_app``): ``mlxkv chat`` runs it."""
+
+from .app import ChatApp
+
+__all__ = ["ChatApp"]

@@ -20,7 +20,23 @@ CACHE_FLAGS = {
     "kv_sinks": "sinks",
     "kv_start": "start",
     "kv_budget": "budget",
+    "kv_policy": "policy",
 }
+
+
+OFF = ("off", "none")
+# What `mlxkv chat` uses when no budget, window or bits are given: the conversation goes
+# on forever inside a fixed amount of memory.
+CHAT_DEFAULTS = {"budget": "64MB", "key_bits": 8, "value_bits": 8}
+
+
+def chat_defaults(args) -> dict:
+    defaults = {}
+    if args.kv_budget is None and args.kv_window is None and args.max_kv_size is None:
+        defaults["budget"] = CHAT_DEFAULTS["budget"]
+    if args.kv_bits is None and args.kv_key_bits is None and args.kv_value_bits is None:
+        defaults.update(key_bits=CHAT_DEFAULTS["key_bits"], value_bits=CHAT_DEFAULTS["value_bits"])
+    return defaults
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -44,8 +60,11 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-sinks", type=int, default=None, help="attention sinks kept with a window (default 4)")
     g.add_argument("--kv-start", type=int, default=None, help="tokens seen before quantizing starts")
     g.add_argument("--kv-budget", default=None, metavar="SIZE",
-                   help="bytes the whole model's KV may take, e.g. 64MB or 48MiB; the cache "
-                        "keeps sinks + the most recent tokens that fit (quantized with --kv-bits)")
+                   help="bytes the whole model's KV may take, e.g. 64MB or 48MiB ('off': none); "
+                        "the cache keeps sinks + the most recent tokens that fit (quantized "
+                        "with --kv-bits); `mlxkv chat` defaults to 64MB at 8 bits")
+    g.add_argument("--kv-policy", default=None, metavar="NAME",
+                   help="what a budgeted cache evicts (default: window = sinks + most recent)")
     g.add_argument("--max-kv-size", type=int, default=None,
                    help="mlx-lm's name for a window: at most this many tokens, 4 of them sinks")
 
@@ -74,7 +93,7 @@ def cache_config_from_args(args, defaults: dict | None = None):
     for dest, field in CACHE_FLAGS.items():
         value = getattr(args, dest)
         if value is not None:
-            changes[field] = value
+            changes[field] = None if field == "budget" and value.lower() in OFF else value
     if args.kv_rotate:
         changes["rotate"] = True
     if args.max_kv_size is not None:
@@ -94,16 +113,17 @@ def sampling_from_args(args):
                     repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def load_for_args(args, quiet: bool = False):
-    """(model, tokenizer, resolved, cache config) for the command's flags."""
+def load_for_args(args, quiet: bool = False, defaults: dict | None = None):
+    """(model, tokenizer, resolved, cache config) for the command's flags (over
+    ``defaults``, over the registry's defaults for the model)."""
     from .models.loader import load_resolved
     from .models.registry import load_registry
     from .models.sources import resolve
 
     registry = load_registry()
     resolved = resolve(args.model, registry=registry, progress=not quiet)
-    defaults = registry.entries[resolved.alias].cache if resolved.alias in registry.entries else {}
-    config = cache_config_from_args(args, defaults)
+    model_defaults = registry.entries[resolved.alias].cache if resolved.alias in registry.entries else {}
+    config = cache_config_from_args(args, {**model_defaults, **(defaults or {})})
     model, tokenizer = load_resolved(resolved)
     return model, tokenizer, resolved, config
 
@@ -153,10 +173,24 @@ def cmd_chat(args) -> int:
     from .chat import ChatSession
 
     sampling = sampling_from_args(args)
-    model, tokenizer, resolved, config = load_for_args(args)
+    tui = not args.plain and sys.stdin.isatty() and sys.stdout.isatty()
+    if args.resume and not tui:
+        raise InputError("--resume needs the full-screen app (a terminal, without --plain)")
+    if tui:
+        from mlxkv_app.store import ChatStore
+
+        if args.resume:
+            ChatStore().read(ChatStore.check_name(args.resume))  # fail before loading the model
+    model, tokenizer, resolved, config = load_for_args(args, quiet=tui, defaults=chat_defaults(args))
     session = ChatSession(model, tokenizer, cache_config=config, system=args.system,
                           max_tokens=args.max_tokens, prefill_step=args.prefill_step,
                           stop=args.stop, sampling=sampling)
+    if tui:
+        from mlxkv_app import ChatApp
+
+        ChatApp(session, model_name=resolved.alias or resolved.path.name,
+                resume=args.resume).run()
+        return 0
     print(f"mlxkv chat: {resolved.alias or resolved.path}, cache {config.describe()}. "
           "Type /clear to start over, /exit or Ctrl-D to quit.")
     while True:
@@ -220,7 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_flags(g)
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("chat", help="chat with a model")
+    c = sub.add_parser("chat", help="chat with a model (full-screen app in a terminal)")
+    c.add_argument("--plain", action="store_true",
+                   help="a line-by-line chat instead of the full-screen app (also used when "
+                        "stdin or stdout is not a terminal)")
+    c.add_argument("--resume", default=None, metavar="NAME",
+                   help="open a saved chat (see /chats in the app)")
     add_model_flags(c)
     add_sampling_flags(c)
     add_cache_flags(c)

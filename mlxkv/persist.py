@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 
@@ -51,11 +52,18 @@ def save_cache(path: str | Path, cache: list, *, model, config: CacheConfig,
         "tokens": json.dumps([int(t) for t in tokens]),
         "extra": json.dumps(extra or {}),
     }
+    return atomic_write(path, lambda tmp: mx.save_safetensors(tmp, arrays, metadata))
+
+
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
+    """Call ``write(temp_path)`` next to ``path``, then rename over ``path``: a crash
+    mid-write leaves the previous file as it was."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
-        mx.save_safetensors(tmp, arrays, metadata)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -9,6 +9,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from ..budget import format_bytes, parse_bytes, token_bytes
 from ..errors import InputError
+from ..policies import known_policies
 from .codec import BITS, GROUP_SIZES
 from .full import FullCache
 from .quantized import QuantizedCache
@@ -32,7 +33,8 @@ class CacheConfig:
     - ``budget`` (bytes, or a size such as "64MB"): the whole model's KV never takes more.
       It is split evenly over the attention layers; each layer keeps its sinks and most
       recent tokens at full precision, older tokens quantized (when bits are set) and
-      evicts the oldest beyond that. ``window`` is then derived from the budget.
+      evicts the oldest beyond that. ``window`` is then derived from the budget;
+    - ``policy``: what a budgeted cache evicts (see ``mlxkv.policies``).
     """
 
     key_bits: int | None = None
@@ -46,6 +48,7 @@ class CacheConfig:
     start: int = 0
     seed: int = 0
     budget: int | str | None = None
+    policy: str = "window"
 
     @property
     def quantized(self) -> bool:
@@ -94,6 +97,8 @@ class CacheConfig:
                 problems.append("start applies to the growing quantized cache, not to a window")
             if self.quantized and self.window <= self.residual:
                 problems.append(f"window ({self.window}) must be larger than the residual ({self.residual})")
+        if self.policy not in known_policies():
+            problems.append(f"unknown policy {self.policy!r} (known: {', '.join(known_policies())})")
         if self.budget is not None:
             parse_bytes(self.budget)
             if self.window is not None:
@@ -131,6 +136,8 @@ class CacheConfig:
             parts.append(f"window {self.window} + {self.sinks} sinks")
         if self.budget is not None:
             parts.append(f"budget {format_bytes(parse_bytes(self.budget))}")
+            if self.policy != "window":
+                parts.append(f"policy {self.policy}")
         return ", ".join(parts)
 
     def layer_cache(self, layer: int, window: int | None = None):
@@ -162,10 +169,11 @@ def make_cache(model, config: CacheConfig | None = None) -> list:
     window = None
     if config.budget is not None:
         window = budget_window(model, config, len(ours))
-    for i in ours:
+    for n, i in enumerate(ours):
         caches[i] = config.layer_cache(i, window)
-        if config.budget is not None:
-            caches[i].budget = parse_bytes(config.budget) // len(ours)
+        if config.budget is not None:  # per-layer shares that add up to the budget exactly
+            total = parse_bytes(config.budget)
+            caches[i].budget = total // len(ours) + (n < total % len(ours))
     return caches
 
 

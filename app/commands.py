@@ -1,0 +1,79 @@
+"""Slash commands of the chat app: parsed here, carried out by the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlxkv import CacheConfig
+from mlxkv.errors import InputError
+
+COMMANDS = {
+    "budget": ("SIZE|off", "KV budget for the whole model, e.g. /budget 32MB"),
+    "bits": ("N|off", "bits for keys and values (2, 3, 4, 8), or off for full precision"),
+    "window": ("N|off", "keep only the sinks + the N most recent tokens (no budget)"),
+    "policy": ("NAME", "eviction policy under the budget"),
+    "clear": ("", "start a new conversation (ctrl+n)"),
+    "save": ("NAME", "save the conversation and its compressed cache as NAME"),
+    "load": ("NAME", "open the conversation saved as NAME"),
+    "chats": ("", "list saved conversations"),
+    "help": ("", "show keys and commands (F1)"),
+}
+CACHE_COMMANDS = ("budget", "bits", "window", "policy")
+OFF = ("off", "none", "0")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    arg: str = ""
+
+
+def parse(line: str) -> Command | None:
+    """The command in ``line``, or None if it is a message (does not start with '/')."""
+    text = line.strip()
+    if not text.startswith("/"):
+        return None
+    name, _, arg = text[1:].partition(" ")
+    name, arg = name.lower(), arg.strip()
+    if name not in COMMANDS:
+        raise InputError(f"unknown command /{name} (known: "
+                         + ", ".join(f"/{c}" for c in COMMANDS) + ")")
+    usage = COMMANDS[name][0]
+    if usage and not arg:
+        raise InputError(f"/{name} needs an argument: /{name} {usage}")
+    if not usage and arg:
+        raise InputError(f"/{name} takes no argument")
+    return Command(name, arg)
+
+
+def _count(arg: str, what: str) -> int | None:
+    if arg.lower() in OFF:
+        return None
+    try:
+        return int(arg)
+    except ValueError:
+        raise InputError(f"{what} must be a whole number or 'off' (got {arg!r})") from None
+
+
+def cache_change(config: CacheConfig, command: Command) -> CacheConfig:
+    """The cache config after a cache command (checked against the model when applied)."""
+    arg = command.arg
+    if command.name == "budget":
+        if arg.lower() in OFF:
+            return config.replace(budget=None)
+        from mlxkv.budget import parse_bytes
+
+        parse_bytes(arg)
+        return config.replace(budget=arg, window=None)
+    if command.name == "bits":
+        bits = _count(arg, "bits")
+        return config.replace(key_bits=bits, value_bits=bits,
+                              key_mode=config.key_mode if bits else "token",
+                              residual=config.residual if bits else 0,
+                              rotate=config.rotate if bits else False)
+    if command.name == "window":
+        window = _count(arg, "the window")
+        return config.replace(window=window, budget=None if window else config.budget)
+    if command.name == "policy":
+        return config.replace(policy=arg.lower())
+    raise ValueError(f"/{command.name} is not a cache command")

@@ -1,0 +1,82 @@
+"""The settings screen: the cache options of the slash commands, in a form."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.content import Content
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Select
+
+from mlxkv import CacheConfig
+from mlxkv.errors import InputError
+from mlxkv.policies import known_policies
+
+BITS = [("full precision", 0), ("8-bit", 8), ("4-bit", 4), ("3-bit", 3), ("2-bit", 2)]
+
+
+class SettingsScreen(ModalScreen[CacheConfig | None]):
+    """Returns the new config, or None when cancelled."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, config: CacheConfig):
+        super().__init__()
+        self.config = config
+
+    def compose(self) -> ComposeResult:
+        c = self.config
+        with Vertical(id="settings-form"):
+            yield Label("Cache settings", classes="panel-title")
+            yield Label("Budget for the whole model's KV (e.g. 64MB; empty: none)")
+            yield Input(str(c.budget or ""), id="budget")
+            yield Label("Window: sinks + this many recent tokens (empty: none)")
+            yield Input(str(c.window or ""), id="window")
+            yield Label("Key bits")
+            yield Select(BITS, value=c.key_bits or 0, allow_blank=False, id="key-bits")
+            yield Label("Value bits")
+            yield Select(BITS, value=c.value_bits or 0, allow_blank=False, id="value-bits")
+            yield Label("Eviction policy")
+            yield Select([(p, p) for p in known_policies()], value=c.policy,
+                         allow_blank=False, id="policy")
+            yield Label("", id="settings-error")
+            with Horizontal(id="settings-buttons"):
+                yield Button("Apply", variant="primary", id="apply")
+                yield Button("Cancel", id="cancel")
+
+    def read_form(self) -> CacheConfig:
+        budget = self.query_one("#budget", Input).value.strip() or None
+        window_text = self.query_one("#window", Input).value.strip()
+        try:
+            window = int(window_text) if window_text else None
+        except ValueError:
+            raise InputError(f"the window must be a whole number (got {window_text!r})") from None
+        if budget and window:
+            raise InputError("give a budget or a window, not both")
+        key_bits = self.query_one("#key-bits", Select).value or None
+        value_bits = self.query_one("#value-bits", Select).value or None
+        changes = dict(budget=budget, window=window, key_bits=key_bits, value_bits=value_bits,
+                       policy=self.query_one("#policy", Select).value)
+        if key_bits is None:
+            changes.update(key_mode="token", rotate=False)
+        if key_bits is None and value_bits is None:
+            changes["residual"] = 0
+        config = self.config.replace(**changes)
+        if budget:
+            from mlxkv.budget import parse_bytes
+
+            parse_bytes(budget)
+        return config.check()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "cancel":
+            self.dismiss(None)
+            return
+        try:
+            self.dismiss(self.read_form())
+        except InputError as e:
+            self.query_one("#settings-error", Label).update(Content(str(e)))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
