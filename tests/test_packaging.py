@@ -17,6 +17,8 @@ def test_wheel_layout_and_fresh_venv_import(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "mlxkv/models.toml" in names
     assert "mlxkv_app/__init__.py" in names
+    assert {"mlxkv_app/mlxkv.tcss", "mlxkv_app/widgets/cache_panel.py",
+            "mlxkv_app/screens/help.py"} <= set(names)
     assert "mlxkv_metal/__init__.py" in names
     assert not any(n.startswith("app/") for n in names)
     shipped_metal = {n.split("/")[-1] for n in names if n.endswith(".metal")}
@@ -33,11 +35,14 @@ def test_wheel_layout_and_fresh_venv_import(tmp_path):
     code = ("import mlxkv, mlxkv_app, mlxkv_metal, importlib.util, importlib.resources as r;"
             "print(mlxkv.__file__);"
             "print(importlib.util.find_spec('app'));"
-            "print(r.files('mlxkv').joinpath('models.toml').read_text()[:2000].count('[models.'))")
+            "print(r.files('mlxkv').joinpath('models.toml').read_text()[:2000].count('[models.'));"
+            "import mlxkv_app.app as a, pathlib;"
+            "print((pathlib.Path(a.__file__).parent / a.ChatApp.CSS_PATH).is_file())")
     res = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": deps, "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
-    location, app_spec, n_models = res.stdout.strip().splitlines()
+    location, app_spec, n_models, css = res.stdout.strip().splitlines()
+    assert css == "True"
     assert location.startswith(site)
     assert app_spec == "None"
     assert int(n_models) >= 1
