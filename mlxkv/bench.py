@@ -32,7 +32,8 @@ class BenchRow:
     ratio: float = 1.0  # decode tokens/s over the baseline's at the same context
 
 
-def _factories(model, window: int) -> dict[str, Callable[[], list]]:
+def cache_factories(model, window: int = 512) -> dict[str, Callable[[], list]]:
+    """The named cache configs that bench and eval compare: mlx-lm's caches and mlxkv's."""
     from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
     from .cache.config import CacheConfig, make_cache
@@ -47,8 +48,12 @@ def _factories(model, window: int) -> dict[str, Callable[[], list]]:
         "mlxkv full": lambda: make_cache(model, CacheConfig()),
         "mlxkv 8-bit": lambda: make_cache(model, CacheConfig(key_bits=8, value_bits=8, group_size=group)),
         "mlxkv 4-bit": lambda: make_cache(model, CacheConfig(key_bits=4, value_bits=4, group_size=group)),
+        "mlxkv 4-bit rotated": lambda: make_cache(model, CacheConfig(
+            key_bits=4, value_bits=4, group_size=group, rotate=True)),
         "mlxkv 4-bit channel-K r128": lambda: make_cache(model, CacheConfig(
             key_bits=4, value_bits=4, group_size=group, key_mode="channel", residual=128)),
+        "mlxkv 2-bit channel-K r128": lambda: make_cache(model, CacheConfig(
+            key_bits=2, value_bits=2, group_size=group, key_mode="channel", residual=128)),
         f"mlxkv window {window}": lambda: make_cache(model, CacheConfig(window=window - 4, sinks=4)),
         f"mlxkv 4-bit window {window}": lambda: make_cache(model, CacheConfig(
             window=window - 4, sinks=4, key_bits=4, value_bits=4, group_size=group)),
@@ -119,7 +124,7 @@ def bench_config(model, make, context: int, decode: int, prefill_step: int,
 
 def run_bench(model, *, contexts, configs=None, decode: int = 16, prefill_step: int = 512,
               window: int = 512, log=print) -> list[BenchRow]:
-    factories = _factories(model, window)
+    factories = cache_factories(model, window)
     names = configs or list(factories)
     unknown = [n for n in names if n not in factories]
     if unknown:
@@ -196,6 +201,4 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--config", action="append", help="run only this config (repeatable)")
     b.add_argument("--json", help="write the rows as JSON here")
     b.add_argument("--markdown", help="write a Markdown table here")
-    b.set_defaults(func=cmd_bench, kv_bits=None, kv_key_bits=None, kv_value_bits=None,
-                   kv_group_size=None, kv_key_mode=None, kv_residual=None, kv_rotate=None,
-                   kv_window=None, kv_sinks=None, kv_start=None, max_kv_size=None, kv_budget=None)
+    b.set_defaults(func=cmd_bench)

@@ -88,15 +88,16 @@ def cache_config_from_args(args, defaults: dict | None = None):
 
     config = CacheConfig()
     changes = dict(defaults or {})
-    if args.kv_bits is not None:
+    flag = lambda name: getattr(args, name, None)  # noqa: E731  (commands without cache flags)
+    if flag("kv_bits") is not None:
         changes["key_bits"] = changes["value_bits"] = args.kv_bits
     for dest, field in CACHE_FLAGS.items():
-        value = getattr(args, dest)
+        value = flag(dest)
         if value is not None:
             changes[field] = None if field == "budget" and value.lower() in OFF else value
-    if args.kv_rotate:
+    if flag("kv_rotate"):
         changes["rotate"] = True
-    if args.max_kv_size is not None:
+    if flag("max_kv_size") is not None:
         if args.kv_window is not None:
             raise InputError("give --kv-window or --max-kv-size, not both")
         sinks = changes.get("sinks", config.sinks)
@@ -271,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     from .bench import add_bench_parser
+    from .evaluate import add_eval_parser
     add_bench_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

