@@ -60,6 +60,9 @@ def cache_factories(model, window: int = 512) -> dict[str, Callable[[], list]]:
         "mlxkv budget 16MB 4-bit": lambda: make_cache(model, CacheConfig(
             budget="16MB", key_bits=4, value_bits=4, group_size=group, key_mode="channel",
             residual=64)),
+        **{f"mlxkv budget 16MB 4-bit {policy}": lambda policy=policy: make_cache(model, CacheConfig(
+            budget="16MB", key_bits=4, value_bits=4, group_size=group, residual=64, policy=policy))
+           for policy in ("knorm", "snapkv", "h2o", "tova")},
     }
 
 

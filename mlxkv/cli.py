@@ -21,6 +21,7 @@ CACHE_FLAGS = {
     "kv_start": "start",
     "kv_budget": "budget",
     "kv_policy": "policy",
+    "kv_allocator": "allocator",
 }
 
 
@@ -64,7 +65,10 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
                         "the cache keeps sinks + the most recent tokens that fit (quantized "
                         "with --kv-bits); `mlxkv chat` defaults to 64MB at 8 bits")
     g.add_argument("--kv-policy", default=None, metavar="NAME",
-                   help="what a budgeted cache evicts (default: window = sinks + most recent)")
+                   help="what a budget or window cache evicts: window (sinks + most recent, "
+                        "the default), knorm, snapkv, h2o, tova")
+    g.add_argument("--kv-allocator", default=None, metavar="NAME",
+                   help="how a budget is split over layers: uniform (default) or pyramid")
     g.add_argument("--max-kv-size", type=int, default=None,
                    help="mlx-lm's name for a window: at most this many tokens, 4 of them sinks")
 

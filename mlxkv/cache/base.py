@@ -42,6 +42,7 @@ class CompressedCache:
 
     step = 256
     bounded = False
+    positional = True  # a bounded ring evicts by position (else: by the policy's scores)
 
     def __init__(self, *, key_codec, value_codec, sinks: int = 0, residual: int = 0,
                  capacity: int | None = None, start: int = 0, rotate: bool = False,
@@ -233,6 +234,13 @@ class CompressedCache:
             flushed = mx.where(pos + 1 >= self.start, flushed, 0)
         return self.sinks + mx.maximum(flushed - self.capacity, 0)
 
+    def _ring_positions(self, i: mx.array) -> mx.array:
+        """Token positions of ring slots ``i`` (the slot order a ring is written in)."""
+        if self.bounded:
+            last = self.flushed - 1
+            return self.sinks + last - (last - i) % self.capacity
+        return self.sinks + self.flushed - self.ring_len + i
+
     def _segments(self, dense_after: mx.array | None = None):
         """(key codec, key storage, value codec, value storage, positions) per segment.
 
@@ -246,11 +254,7 @@ class CompressedCache:
         if self.ring_len:
             n = self.ring_len
             i = mx.arange(n)
-            if self.bounded:
-                last = self.flushed - 1
-                pos = self.sinks + last - (last - i) % self.capacity
-            else:
-                pos = self.sinks + self.flushed - self.ring_len + i
+            pos = self._ring_positions(i)
             ks, vs = self.kc.slots(self.ring_k, n), self.vc.slots(self.ring_v, n)
             if dense_after is not None:
                 ks = tuple(mx.depends(list(ks), [dense_after]))
@@ -287,7 +291,7 @@ class CompressedCache:
         q = (q * scale).reshape(B, H, rep, L, D)
         segs = self._segments(dense_after=q if L > 1 else None)
         if L == 1:
-            out = self._attend_block(q.reshape(B, H, rep, D), segs, None)
+            out = self._attend_block(q.reshape(B, H, rep, D), segs, None, (0, 1, 1))
             return out.reshape(B, Hq, 1, -1)
         kpos = mx.concatenate([p for *_, p in segs])[None, :]
         T = kpos.shape[1]
@@ -296,17 +300,22 @@ class CompressedCache:
         for i in range(0, L, step):
             qpos = self.offset - L + mx.arange(i, min(i + step, L))[:, None]
             visible = kpos <= qpos
-            if self.bounded:
+            if self.bounded and self.positional:
                 visible = visible & ((kpos < self.sinks) | (kpos >= self._lowest_visible(qpos)))
             qb = q[:, :, :, i : i + step]
             n = qb.shape[3]
-            o = self._attend_block(qb.reshape(B, H, rep * n, D), segs, visible)
+            o = self._attend_block(qb.reshape(B, H, rep * n, D), segs, visible, (i, n, L))
             outs.append(o.reshape(B, H, rep, n, -1))
         self._commit()
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
         return out.reshape(B, Hq, L, -1)
 
-    def _attend_block(self, q, segs, visible):
+    def _observe(self, probs: mx.array, queries: tuple[int, int, int]) -> None:
+        """Attention probabilities (B, H, rep * n, T) of queries ``first .. first + n`` of
+        a chunk of L (``queries`` = (first, n, L)) over the segments, for caches whose
+        eviction scores come from attention. The base cache does not need them."""
+
+    def _attend_block(self, q, segs, visible, queries):
         """q (B, H, M, D), M = rep * n rows; visible (n, T) or None."""
         parts = [kc.scores(q, ks) for kc, ks, _, _, _ in segs]
         scores = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
@@ -315,7 +324,9 @@ class CompressedCache:
             n = visible.shape[0]
             scores = mx.where(visible, scores.reshape(B, H, M // n, n, T),
                               mx.finfo(scores.dtype).min).reshape(B, H, M, T)
-        probs = mx.softmax(scores.astype(mx.float32), axis=-1, precise=True).astype(q.dtype)
+        probs = mx.softmax(scores.astype(mx.float32), axis=-1, precise=True)
+        self._observe(probs, queries)
+        probs = probs.astype(q.dtype)
         out, at = None, 0
         for _, _, vc, vs, pos in segs:
             n = pos.shape[0]

@@ -27,6 +27,7 @@ GROUP_SIZES = (32, 64, 128)
 class FloatCodec:
     bits = None
     block = 1
+    parts = 1  # arrays in the storage of a run of slots
 
     def alloc(self, B, H, n, D, dtype):
         return (mx.zeros((B, H, n, D), dtype),)
@@ -38,6 +39,9 @@ class FloatCodec:
 
     def write(self, state, slot, x):
         state[0][..., slot : slot + x.shape[2], :] = x
+
+    def encode(self, x):
+        return (x,)
 
     def slots(self, state, n):
         return (state[0][..., :n, :],)
@@ -57,6 +61,7 @@ class AffineCodec:
     bits: int
     group: int
     axis: str = "token"  # "token" or "channel"
+    parts = 3  # packed values, scales, biases
 
     @property
     def block(self) -> int:
@@ -81,14 +86,14 @@ class AffineCodec:
             out.append(mx.concatenate([a, mx.zeros(shape, a.dtype)], axis=axis))
         return tuple(out)
 
-    def quantize(self, x):
+    def encode(self, x):
         """x (B, H, n, D) float -> the codec's storage for those n tokens."""
         if self.axis == "token":
             return mx.quantize(x, group_size=self.group, bits=self.bits)
         return mx.quantize(x.swapaxes(-1, -2), group_size=self.group, bits=self.bits)
 
     def write(self, state, slot, x):
-        w, s, b = self.quantize(x)
+        w, s, b = self.encode(x)
         n = x.shape[2]
         if self.axis == "token":
             for dst, src in zip(state, (w, s, b)):

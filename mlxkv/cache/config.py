@@ -9,10 +9,11 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from ..budget import format_bytes, parse_bytes, token_bytes
 from ..errors import InputError
-from ..policies import known_policies
+from ..policies import known_policies, make_policy
 from .codec import BITS, GROUP_SIZES
 from .full import FullCache
 from .quantized import QuantizedCache
+from .scored import ScoredCache
 from .window import WindowCache
 
 KEY_MODES = ("token", "channel")
@@ -34,7 +35,10 @@ class CacheConfig:
       It is split evenly over the attention layers; each layer keeps its sinks and most
       recent tokens at full precision, older tokens quantized (when bits are set) and
       evicts the oldest beyond that. ``window`` is then derived from the budget;
-    - ``policy``: what a budgeted cache evicts (see ``mlxkv.policies``).
+    - ``policy``: what a window or budgeted cache evicts (see ``mlxkv.policies``):
+      ``window`` keeps the most recent tokens, the others the top-scoring ones;
+    - ``allocator``: how a budget is split over layers: ``uniform`` or ``pyramid``
+      (PyramidKV: lower layers get more, linearly from 1.5x to 0.5x of the mean).
     """
 
     key_bits: int | None = None
@@ -49,6 +53,7 @@ class CacheConfig:
     seed: int = 0
     budget: int | str | None = None
     policy: str = "window"
+    allocator: str = "uniform"
 
     @property
     def quantized(self) -> bool:
@@ -99,6 +104,15 @@ class CacheConfig:
                 problems.append(f"window ({self.window}) must be larger than the residual ({self.residual})")
         if self.policy not in known_policies():
             problems.append(f"unknown policy {self.policy!r} (known: {', '.join(known_policies())})")
+        elif self.policy != "window":
+            if self.window is None and self.budget is None:
+                problems.append(f"policy {self.policy!r} evicts from a window or budget cache "
+                                "(set a budget or a window)")
+            if self.key_mode != "token":
+                problems.append(f"policy {self.policy!r} evicts single tokens: keys must be "
+                                "grouped per token (key_mode 'token')")
+        if self.allocator not in ALLOCATORS:
+            problems.append(f"unknown allocator {self.allocator!r} (known: {', '.join(ALLOCATORS)})")
         if self.budget is not None:
             parse_bytes(self.budget)
             if self.window is not None:
@@ -136,17 +150,22 @@ class CacheConfig:
             parts.append(f"window {self.window} + {self.sinks} sinks")
         if self.budget is not None:
             parts.append(f"budget {format_bytes(parse_bytes(self.budget))}")
-            if self.policy != "window":
-                parts.append(f"policy {self.policy}")
+            if self.allocator != "uniform":
+                parts.append(f"{self.allocator} allocation")
+        if self.policy != "window":
+            parts.append(f"policy {self.policy}")
         return ", ".join(parts)
 
     def layer_cache(self, layer: int, window: int | None = None):
         window = window or self.window
         if window is not None:
-            return WindowCache(window=window, sinks=self.sinks, key_bits=self.key_bits,
-                               value_bits=self.value_bits, group_size=self.group_size,
-                               key_mode=self.key_mode, residual=self.residual,
-                               rotate=self.rotate, seed=self.seed + layer)
+            args = dict(window=window, sinks=self.sinks, key_bits=self.key_bits,
+                        value_bits=self.value_bits, group_size=self.group_size,
+                        key_mode=self.key_mode, residual=self.residual, rotate=self.rotate,
+                        seed=self.seed + layer)
+            if self.policy != "window":
+                return ScoredCache(policy=make_policy(self.policy), **args)
+            return WindowCache(**args)
         if self.quantized:
             return QuantizedCache(key_bits=self.key_bits, value_bits=self.value_bits,
                                   group_size=self.group_size, key_mode=self.key_mode,
@@ -166,20 +185,36 @@ def make_cache(model, config: CacheConfig | None = None) -> list:
         route_attention(model)
     caches = make_prompt_cache(model)
     ours = [i for i, c in enumerate(caches) if type(c) is KVCache]
-    window = None
+    budgets = [None] * len(ours)
     if config.budget is not None:
-        window = budget_window(model, config, len(ours))
+        budgets = allocate(parse_bytes(config.budget), len(ours), config.allocator)
     for n, i in enumerate(ours):
+        window = None if budgets[n] is None else budget_window(model, config, budgets[n], len(ours))
         caches[i] = config.layer_cache(i, window)
-        if config.budget is not None:  # per-layer shares that add up to the budget exactly
-            total = parse_bytes(config.budget)
-            caches[i].budget = total // len(ours) + (n < total % len(ours))
+        if budgets[n] is not None:
+            caches[i].budget = budgets[n]
     return caches
 
 
-def budget_window(model, config: CacheConfig, n_layers: int) -> int:
-    """The window each layer can keep within its share of the budget (uniform split):
-    sinks and residual buffer at full precision, the rest in the ring's codecs."""
+ALLOCATORS = ("uniform", "pyramid")
+
+
+def allocate(total: int, n_layers: int, allocator: str = "uniform") -> list[int]:
+    """Per-layer byte budgets that add up to ``total`` exactly."""
+    if allocator == "pyramid" and n_layers > 1:
+        weights = [1.5 - i / (n_layers - 1) for i in range(n_layers)]
+    else:
+        weights = [1.0] * n_layers
+    shares = [int(total * w / sum(weights)) for w in weights]
+    for i in range(total - sum(shares)):
+        shares[i % n_layers] += 1
+    return shares
+
+
+def budget_window(model, config: CacheConfig, per_layer: int, n_layers: int) -> int:
+    """The window a layer can keep within ``per_layer`` bytes: sinks and residual buffer
+    at full precision, the rest in the ring's codecs (plus, for a scoring policy, each
+    slot's score and position)."""
     from mlx.utils import tree_flatten
 
     from ..adapter import model_head_dim
@@ -188,7 +223,6 @@ def budget_window(model, config: CacheConfig, n_layers: int) -> int:
     kv_heads = model.args.num_key_value_heads or model.args.num_attention_heads
     dtype_size = next(v.dtype.size for _, v in tree_flatten(model.parameters())
                       if mx.issubdtype(v.dtype, mx.floating))
-    per_layer = parse_bytes(config.budget) // max(n_layers, 1)
     probe = WindowCache(window=max(config.residual, 1) + 1, sinks=config.sinks,
                         key_bits=config.key_bits, value_bits=config.value_bits,
                         group_size=config.group_size, key_mode=config.key_mode,
@@ -197,12 +231,16 @@ def budget_window(model, config: CacheConfig, n_layers: int) -> int:
     fixed = (config.sinks + config.residual + probe.unit) * full
     ring_token = (token_bytes(probe.kc, head_dim, kv_heads, dtype_size)
                   + token_bytes(probe.vc, head_dim, kv_heads, dtype_size))
+    if config.policy != "window":
+        ring_token += kv_heads * 8  # float32 score + int32 position per slot and head
     ring = int((per_layer - fixed) // ring_token) // probe.unit * probe.unit
     if ring < probe.unit:
-        need = n_layers * (fixed + probe.unit * ring_token)
+        need = fixed + probe.unit * ring_token
+        total = parse_bytes(config.budget)
         raise InputError(
-            f"a KV budget of {format_bytes(parse_bytes(config.budget))} is too small for this "
-            f"model and cache: {n_layers} layers need at least {format_bytes(need)} for "
-            f"{config.sinks} sinks, the residual and one block of {probe.unit} tokens")
+            f"a KV budget of {format_bytes(total)} is too small for this model and cache: "
+            f"a layer's share ({format_bytes(per_layer)}) must be at least {format_bytes(need)} "
+            f"for {config.sinks} sinks, the residual and one block of {probe.unit} tokens "
+            f"(about {format_bytes(need * total / per_layer)} in all)")
     return ring + config.residual
 

@@ -1,11 +1,19 @@
-"""Eviction policies: each scores tokens; the budgeted cache keeps the top ones.
+"""Eviction policies: each only scores tokens (``base.Policy``); the scored cache keeps
+the top ones. ``window`` (sinks + most recent) is the default."""
 
-``window`` (StreamingLLM: the sinks and the most recent tokens) is built into the
-budgeted cache and is the default.
-"""
+from .base import Policy
+from .h2o import H2OPolicy
+from .knorm import KnormPolicy
+from .snapkv import SnapKVPolicy
+from .tova import TOVAPolicy
+from .window import WindowPolicy
 
-POLICIES = ("window",)
+POLICIES = {p.name: p for p in (WindowPolicy, KnormPolicy, SnapKVPolicy, H2OPolicy, TOVAPolicy)}
 
 
 def known_policies() -> tuple[str, ...]:
-    return POLICIES
+    return tuple(POLICIES)
+
+
+def make_policy(name: str) -> Policy:
+    return POLICIES[name]()

@@ -1,0 +1,153 @@
+"""Eviction policies under a budget: invariants for every policy x allocator, scores that
+come from the attention itself, and passkey retrieval on the real default model."""
+
+import random
+
+import mlx.core as mx
+import pytest
+
+import mlxkv
+from mlxkv import CacheConfig, make_cache
+from mlxkv.cache.config import ALLOCATORS, allocate
+from mlxkv.cache.scored import ScoredCache
+from mlxkv.errors import InputError
+from mlxkv.evaluate import passkey_prompt
+from mlxkv.policies import POLICIES, KnormPolicy, TOVAPolicy
+from mlxkv.policies.snapkv import avg_pool
+
+from conftest import tiny_model
+
+
+def _feed(model, cache, n, chunk, seed=0):
+    tokens = mx.random.randint(0, model.args.vocab_size, (n,), key=mx.random.key(seed))
+    for s in range(0, n, chunk):
+        model(tokens[None, s : s + chunk], cache=cache)
+        mx.eval([c.state for c in cache])
+        yield s + chunk
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+def test_invariants_every_policy_and_allocator(policy, allocator):
+    model = tiny_model("llama", num_hidden_layers=4)
+    budget = 160_000
+    config = CacheConfig(budget=budget, key_bits=4, value_bits=4, group_size=32,
+                         policy=policy, allocator=allocator)
+    cache = make_cache(model, config)
+    assert sum(c.budget for c in cache) == budget
+    if allocator == "pyramid":
+        assert cache[0].budget > cache[-1].budget and cache[0].capacity > cache[-1].capacity
+    for _ in _feed(model, cache, 700, 37):
+        stats = mlxkv.cache_stats(cache)
+        assert stats.nbytes <= budget and stats.budget == budget
+        for c, s in zip(cache, stats.layers):
+            assert s.kept + s.evicted == s.seen and c.n_sinks == 4
+    assert all(s.evicted > 0 for s in stats.layers)
+    for c in cache:
+        if policy != "window":
+            pos = c.slot_pos[0]
+            assert (pos >= 4).all().item()  # sinks live apart and are never in the ring
+            assert (pos[:, 1:] > pos[:, :-1]).all().item()  # each head in position order
+    logits = model(mx.array([[1, 2, 3]]), cache=cache)
+    assert mx.isfinite(logits).all().item()
+
+
+def test_kept_tokens_are_the_top_scoring_ones():
+    B, H, D, T = 1, 2, 32, 300
+    c = ScoredCache(policy=KnormPolicy(), recent=8, window=64, sinks=4)
+    mx.random.seed(3)
+    keys = mx.random.normal((B, H, T, D)) * mx.random.uniform(0.2, 3.0, (B, H, T, 1))
+    for t in range(T):
+        c.update_and_fetch(keys[:, :, t : t + 1], keys[:, :, t : t + 1])
+    norms = mx.linalg.norm(keys, axis=-1)[0]
+    for h in range(H):
+        kept = set(c.slot_pos[0, h].tolist())
+        recent = set(range(T - 8, T))
+        older = sorted(range(4, T - 8), key=lambda p: norms[h, p].item())
+        assert kept == recent | set(older[: c.capacity - 8])
+        held = mx.take(keys[0, h], mx.array(sorted(kept)), axis=0)
+        assert mx.allclose(c.ring_k[0][0, h], held).item()
+
+
+def test_attention_scores_come_from_the_attention_itself():
+    """TOVA's slot scores after a decode step are exactly the attention the query gave
+    each ring slot (summed over the query heads of the kv head)."""
+    B, H, rep, D = 1, 2, 3, 32
+    c = ScoredCache(policy=TOVAPolicy(), recent=4, window=24, sinks=4)
+    mx.random.seed(1)
+    kv = mx.random.normal((B, H, 60, D))
+    for t in range(60):
+        k = kv[:, :, t : t + 1]
+        c.update_and_fetch(k, k)
+        c.attend(mx.random.normal((B, H * rep, 1, D)), scale=D**-0.5)
+    q = mx.random.normal((B, H * rep, 1, D))
+    k_new = mx.random.normal((B, H, 1, D))
+    c.update_and_fetch(k_new, k_new)
+    ring_keys = c.ring_k[0]
+    all_keys = mx.concatenate([c.sink_k[..., : c.n_sinks, :], ring_keys], axis=2)
+    c.attend(q, scale=D**-0.5)
+    ref = mx.softmax((q.reshape(B, H, rep, D) * D**-0.5) @ all_keys.swapaxes(-1, -2), axis=-1)
+    expected = ref[..., c.n_sinks :].sum(axis=2)
+    assert mx.allclose(c.slot_score, expected, atol=1e-5).item()
+
+
+def test_avg_pool_and_allocator():
+    x = mx.array([[0.0, 0, 3, 0, 0, 6]])
+    assert avg_pool(x, 3).tolist() == [[0.0, 1.0, 1.0, 1.0, 2.0, 2.0]]
+    assert avg_pool(x, 1).tolist() == x.tolist()
+    for n in (1, 7, 30):
+        for a in ALLOCATORS:
+            shares = allocate(1_000_003, n, a)
+            assert sum(shares) == 1_000_003 and len(shares) == n
+    pyr = allocate(3000, 3, "pyramid")
+    assert pyr[0] > pyr[1] > pyr[2]
+
+
+@pytest.mark.parametrize("changes,needle", [
+    (dict(policy="nope", window=64), "unknown policy 'nope' \\(known: window, knorm, snapkv"),
+    (dict(policy="h2o"), "evicts from a window or budget cache"),
+    (dict(policy="h2o", window=64, key_bits=4, key_mode="channel"), "keys must be grouped per token"),
+    (dict(allocator="flat", budget="1MB"), "unknown allocator 'flat'"),
+])
+def test_bad_policy_settings(changes, needle):
+    with pytest.raises(InputError, match=needle):
+        CacheConfig(**changes).check()
+
+
+def test_passkey_outside_the_window_at_a_quarter_budget(smollm, capsys):
+    """The key sits well before the recent window; the budget holds a quarter of the
+    prompt's fp KV. SnapKV keeps the tokens the question attends to; the window can't."""
+    model, tok = smollm
+    L = 1000
+    budget = int(0.25 * L * 30 * 2 * 3 * 64 * 4)  # layers x (K, V) x heads x dim x fp32
+    rng = random.Random(0)
+    found = {"window": 0, "snapkv": 0}
+    for trial in range(4):
+        key = rng.randrange(10000, 99999)
+        prompt = passkey_prompt(tok, L, (0.1, 0.3, 0.5, 0.7)[trial], key)
+        for policy in found:
+            cache = make_cache(model, CacheConfig(budget=budget, policy=policy))
+            reply = mlxkv.generate(model, tok, prompt, max_tokens=8, cache=cache,
+                                   prefill_step=len(prompt))
+            found[policy] += str(key) in reply
+            assert mlxkv.cache_stats(cache).nbytes <= budget
+    with capsys.disabled():
+        print(f"\npasskey at a 25% budget, 4 trials: {found}")
+    assert found["window"] == 0 and found["snapkv"] >= 2
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv"])
+def test_scored_cache_save_load_round_trip(policy, tmp_path):
+    from mlxkv.persist import load_cache, save_cache
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    model.mlxkv_identity = {"name": "tiny"}
+    config = CacheConfig(budget=60_000, key_bits=8, value_bits=8, group_size=32, policy=policy)
+    cache = make_cache(model, config)
+    for _ in _feed(model, cache, 300, 50):
+        pass
+    save_cache(tmp_path / "c.safetensors", cache, model=model, config=config, tokens=list(range(300)))
+    loaded, _, _, _ = load_cache(tmp_path / "c.safetensors", model)
+    x = mx.array([[5, 6]])
+    assert mx.array_equal(model(x, cache=cache), model(x, cache=loaded)).item()
+    assert mx.array_equal(cache[0].slot_score, loaded[0].slot_score).item()
