@@ -94,10 +94,10 @@ def _weights_bytes(model) -> int:
 
 
 def _prefill(model, cache, tokens: mx.array, step: int) -> float:
+    from .generation import prefill
+
     t = time.perf_counter()
-    for i in range(0, tokens.shape[0], step):
-        model(tokens[None, i : i + step], cache=cache)
-        mx.eval([c.state for c in cache])
+    prefill(model, tokens, cache, prefill_step=step)
     return tokens.shape[0] / (time.perf_counter() - t)
 
 

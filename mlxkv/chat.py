@@ -8,7 +8,8 @@ from mlx_lm.utils import common_prefix_len
 
 from .cache.config import CacheConfig, make_cache
 from .errors import InputError
-from .generation import DEFAULT_PREFILL_STEP, GenerationEvent, prefill, stream_generate
+from .generation import (DEFAULT_PREFILL_STEP, GenerationEvent, encode_prompt, prefill,
+                         stream_generate)
 
 
 class ChatSession:
@@ -46,8 +47,6 @@ class ChatSession:
                                                   tokenize=False)
 
     def _render(self, messages, generation_prompt: bool = True) -> list[int]:
-        from .generation import encode_prompt
-
         return encode_prompt(self.tokenizer, self._render_text(messages, generation_prompt))
 
     def _suffix(self, prompt: list[int], messages) -> list[int]:

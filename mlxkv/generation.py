@@ -226,7 +226,7 @@ def prefill(model, tokens: Sequence[int], cache: list, *, prefill_step: int = DE
             progress: Callable[[int, int], None] | None = None) -> None:
     """Feed ``tokens`` into ``cache`` in chunks without generating (``progress(done, total)``
     after each chunk)."""
-    tokens = mx.array(list(tokens))
+    tokens = tokens if isinstance(tokens, mx.array) else mx.array(list(tokens))
     total = tokens.size
     for start in range(0, total, prefill_step):
         model(tokens[start:start + prefill_step][None], cache=cache)
