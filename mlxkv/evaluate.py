@@ -50,7 +50,8 @@ def kv_elements(model, cache) -> int:
     from .adapter import model_head_dim
 
     heads = model.args.num_key_value_heads or model.args.num_attention_heads
-    return sum(2 * heads * model_head_dim(model) * c.size() for c in cache)
+    # mlx-lm's QuantizedKVCache does not report a size: it holds every token seen.
+    return sum(2 * heads * model_head_dim(model) * (c.size() or c.offset) for c in cache)
 
 
 def load_config_file(path: str) -> dict[str, Callable]:
@@ -229,15 +230,18 @@ def plot(rows: list[EvalRow], prefix: str) -> list[str]:
     except ModuleNotFoundError:
         raise InputError("plots need matplotlib: pip install 'mlxkv[plot]'") from None
     files = []
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        ax.scatter(r.kv_bytes / 1e6, r.ppl_delta_pct)
-        ax.annotate(r.config, (r.kv_bytes / 1e6, r.ppl_delta_pct), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("KV cache (MB)")
-    ax.set_ylabel("perplexity vs full cache (%)")
+    fig, ax = plt.subplots(figsize=(9, 5))
+    markers = "osD^v<>Pp*hX"
+    for i, r in enumerate(rows):
+        ax.scatter(r.kv_bytes / 1e6, r.ppl_delta_pct, marker=markers[i % len(markers)],
+                   label=r.config)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlabel("KV cache (MB, log scale)")
+    ax.set_ylabel("perplexity vs full cache (%, symlog)")
     ax.set_title("Quality vs KV memory")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     files.append(f"{prefix}-quality.png")
     fig.savefig(files[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
