@@ -1,0 +1,45 @@
+"""Affine quantization of rows into the packed layout (``metal_kernels/quantize_rows.metal``).
+
+The layout and rounding are those of ``mx.quantize``, which is the reference."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import _metal
+
+BITS = (2, 3, 4, 8)
+GROUPS = (32, 64, 128)
+
+
+def quantize_rows_metal(x: mx.array, *, bits: int, group_size: int):
+    """x (..., DX) float -> (w (..., DX * bits / 32) uint32, scales, biases (..., DX / group))."""
+    *lead, dx = x.shape
+    n = 1
+    for s in lead:
+        n *= s
+    groups = dx // group_size
+    fn = _metal.kernel("quantize_rows", ["x", "dims"], ["w", "scales", "biases"])
+    w, s, b = fn(
+        inputs=[x.reshape(n, dx), mx.array([n, dx], mx.int32)],
+        template=[("T", x.dtype), ("BITS", bits), ("G", group_size)],
+        grid=(groups, n, 1), threadgroup=(min(groups, 32), 1, 1),
+        output_shapes=[(n, dx * bits // 32), (n, groups), (n, groups)],
+        output_dtypes=[mx.uint32, x.dtype, x.dtype])
+    return (w.reshape(*lead, -1), s.reshape(*lead, groups), b.reshape(*lead, groups))
+
+
+def quantize_rows_reference(x: mx.array, *, bits: int, group_size: int):
+    return mx.quantize(x, group_size=group_size, bits=bits)
+
+
+def supported(x: mx.array, bits: int, group_size: int) -> bool:
+    return (bits in BITS and group_size in GROUPS and x.shape[-1] % group_size == 0
+            and x.dtype in (mx.float16, mx.bfloat16, mx.float32) and x.size > 0)
+
+
+def quantize_rows(x: mx.array, *, bits: int, group_size: int):
+    """Quantize the last axis of ``x`` in groups: Metal kernel or ``mx.quantize``."""
+    if _metal.use_metal(supported(x, bits, group_size)):
+        return quantize_rows_metal(x, bits=bits, group_size=group_size)
+    return quantize_rows_reference(x, bits=bits, group_size=group_size)

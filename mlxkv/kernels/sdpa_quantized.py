@@ -1,0 +1,154 @@
+"""Fused attention over a quantized KV cache (``metal_kernels/sdpa_quantized*.metal``).
+
+The cache is a quantized ring (``QuantizedKV``: mlxkv's codec layouts, keys per token or
+per channel, values per token, 2/3/4/8 bits) followed by full-precision tokens (sinks,
+residual, and for a chunk of L > 1 queries the chunk itself, causal). The kernel unpacks
+and dequantizes K and V as it goes with an online softmax: no dequantized copy of the
+cache and no score matrix. Long caches use a split-K two-pass variant. Rotated keys need
+nothing here: the cache rotates the query once before calling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from . import _metal
+
+SIMDGROUPS = 8         # simdgroups per threadgroup
+BLOCK = 256            # tokens per threadgroup in the two-pass variant
+SINGLE_PASS_MAX = 512  # longer caches use two passes
+
+
+@dataclass(frozen=True)
+class QuantizedKV:
+    """A quantized ring as the cache stores it (whole allocated arrays, no slicing).
+
+    keys: (w, scales, biases), per token: (B, H, A, D*bits/32), (B, H, A, D/group);
+          per channel: (B, H, D, A*bits/32), (B, H, D, A/group).
+    values: (w, scales, biases) per token. length: slots in use (<= A)."""
+    keys: tuple
+    values: tuple
+    length: int
+    key_bits: int
+    key_group: int
+    value_bits: int
+    value_group: int
+    key_mode: str = "token"
+
+    @property
+    def allocated(self) -> int:
+        w = self.keys[0]
+        return w.shape[2] if self.key_mode == "token" else w.shape[3] * 32 // self.key_bits
+
+    def dequantized(self):
+        """(keys, values) of the used slots at full precision (B, H, n, D)."""
+        n = self.length
+        kw, ks, kb = self.keys
+        if self.key_mode == "token":
+            k = mx.dequantize(kw[:, :, :n], ks[:, :, :n], kb[:, :, :n],
+                              group_size=self.key_group, bits=self.key_bits)
+        else:
+            k = mx.dequantize(kw[..., : n * self.key_bits // 32], ks[..., : n // self.key_group],
+                              kb[..., : n // self.key_group], group_size=self.key_group,
+                              bits=self.key_bits).swapaxes(-1, -2)
+        vw, vs, vb = self.values
+        v = mx.dequantize(vw[:, :, :n], vs[:, :, :n], vb[:, :, :n],
+                          group_size=self.value_group, bits=self.value_bits)
+        return k, v
+
+
+def _dims_ok(ring: QuantizedKV | None, q, fk, fv) -> bool:
+    D, DV = q.shape[-1], fv.shape[-1]
+    ok = D % 32 == 0 and DV % 32 == 0 and D <= 256 and DV <= 256 and fk.shape[-1] == D
+    ok = ok and q.dtype in (mx.float16, mx.bfloat16, mx.float32) and q.shape[1] % fk.shape[1] == 0
+    if ring is not None:
+        ok = ok and ring.key_mode in ("token", "channel") and ring.keys[1].dtype == q.dtype
+        ok = ok and ring.key_bits in (2, 3, 4, 8) and ring.value_bits in (2, 3, 4, 8)
+        ok = ok and D % ring.key_group == 0 and DV % ring.value_group == 0
+    return ok and fk.dtype == q.dtype
+
+
+def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, stats=False, passes=None):
+    B, Hq, L, D = q.shape
+    H, nf, DV = float_keys.shape[1], float_keys.shape[2], float_values.shape[3]
+    dt = q.dtype
+    if nf == 0:  # kernels take no empty buffers
+        float_keys, float_values = mx.zeros((B, H, 1, D), dt), mx.zeros((B, H, 1, DV), dt)
+    if ring is None or ring.length == 0:
+        kb_, vb_, kg, vg = 4, 4, 32, 32
+        z = mx.zeros((1,), mx.uint32)
+        zs = mx.zeros((1,), dt)
+        keys, values, nq, alloc, kch = (z, zs, zs), (z, zs, zs), 0, 0, False
+    else:
+        kb_, vb_, kg, vg = ring.key_bits, ring.value_bits, ring.key_group, ring.value_group
+        keys, values, nq, alloc = ring.keys, ring.values, ring.length, ring.allocated
+        kch = ring.key_mode == "channel"
+    T = nq + nf
+    rows = B * Hq * L
+    template = [("T", dt), ("D", D), ("DV", DV), ("KB", kb_), ("KG", kg), ("VB", vb_),
+                ("VG", vg), ("KCH", kch), ("BN", SIMDGROUPS), ("STATS", bool(stats))]
+    inputs = [q, mx.array(scale, mx.float32), *keys, *values, float_keys, float_values]
+    names = ["q", "scale", "kw", "ks", "kb", "vw", "vs", "vb", "kf", "vf", "dims"]
+    score_shape = (B, Hq, L, T) if stats else (1,)
+    two_pass = (T > SINGLE_PASS_MAX) if passes is None else passes == 2
+    if not two_pass:
+        fn = _metal.kernel("sdpa_quantized", names, ["out", "scores", "lse"], header="kv_attention.h")
+        out, scores, lse = fn(
+            inputs=inputs + [mx.array([nq, alloc, nf, L, H, Hq], mx.int32)], template=template,
+            grid=(32, SIMDGROUPS, rows), threadgroup=(32, SIMDGROUPS, 1),
+            output_shapes=[(B, Hq, L, DV), score_shape, (B, Hq, L) if stats else (1,)],
+            output_dtypes=[dt, mx.float32, mx.float32])
+    else:
+        nb = -(-T // BLOCK)
+        fn1 = _metal.kernel("sdpa_quantized_pass1", names, ["po", "pm", "pl", "scores"],
+                            header="kv_attention.h")
+        po, pm, pl, scores = fn1(
+            inputs=inputs + [mx.array([nq, alloc, nf, L, H, Hq, nb, BLOCK], mx.int32)],
+            template=template, grid=(32, SIMDGROUPS, rows * nb), threadgroup=(32, SIMDGROUPS, 1),
+            output_shapes=[(rows, nb, DV), (rows, nb), (rows, nb), score_shape],
+            output_dtypes=[mx.float32] * 4)
+        fn2 = _metal.kernel("sdpa_quantized_pass2", ["po", "pm", "pl", "dims"], ["out", "lse"])
+        out, lse = fn2(
+            inputs=[po, pm, pl, mx.array([nb], mx.int32)],
+            template=[("T", dt), ("DV", DV), ("STATS", bool(stats))],
+            grid=(32, 1, rows), threadgroup=(32, 1, 1),
+            output_shapes=[(B, Hq, L, DV), (B, Hq, L) if stats else (1,)],
+            output_dtypes=[dt, mx.float32])
+    return (out, scores, lse) if stats else out
+
+
+def sdpa_quantized_reference(q, *, scale, ring, float_keys, float_values, stats=False):
+    B, Hq, L, D = q.shape
+    H = float_keys.shape[1]
+    nf = float_keys.shape[2]
+    k, v = float_keys, float_values
+    nq = 0 if ring is None else ring.length
+    if nq:
+        rk, rv = ring.dequantized()
+        k, v = mx.concatenate([rk, k], axis=2), mx.concatenate([rv, v], axis=2)
+    qf = (q.astype(mx.float32) * scale).reshape(B, H, Hq // H * L, D)
+    s = (qf @ k.astype(mx.float32).swapaxes(-1, -2)).reshape(B, Hq, L, nq + nf)
+    j = mx.arange(nq + nf) - nq
+    visible = j[None, :] <= (nf - L + mx.arange(L))[:, None]
+    s = mx.where(visible, s, -mx.inf)
+    lse = mx.logsumexp(s, axis=-1)
+    p = mx.exp(s - lse[..., None])
+    p = mx.where(mx.isnan(p), 0.0, p)  # rows that see nothing
+    out = (p.reshape(B, H, -1, nq + nf) @ v.astype(mx.float32)).reshape(B, Hq, L, -1).astype(q.dtype)
+    return (out, s, lse) if stats else out
+
+
+def sdpa_quantized(q: mx.array, *, scale: float, ring: QuantizedKV | None, float_keys: mx.array,
+                   float_values: mx.array, stats: bool = False):
+    """Attention of q (B, Hq, L, D) over ``ring`` then ``float_keys``/``float_values``
+    (B, H, NF, D/DV; the last L are the queries' own tokens, causal) -> (B, Hq, L, DV).
+
+    With ``stats`` also returns the scaled scores (B, Hq, L, NQ + NF) (-inf where a row
+    cannot see a token) and each row's log-sum-exp (B, Hq, L), for ``attention_mass``."""
+    if _metal.use_metal(_dims_ok(ring, q, float_keys, float_values)):
+        return sdpa_quantized_metal(q, scale=scale, ring=ring, float_keys=float_keys,
+                                    float_values=float_values, stats=stats)
+    return sdpa_quantized_reference(q, scale=scale, ring=ring, float_keys=float_keys,
+                                    float_values=float_values, stats=stats)
