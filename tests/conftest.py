@@ -34,3 +34,19 @@ def tiny_model(model_type: str, **overrides):
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     return model
+
+
+@pytest.fixture(scope="session")
+def simulator(tmp_path_factory):
+    """The Metal simulator, compiling into a temp dir of this test session."""
+    from mlxkv.metalsim import Simulator
+
+    return Simulator(cache=tmp_path_factory.mktemp("metalsim"))
+
+
+@pytest.fixture
+def metal_sim(simulator, monkeypatch):
+    """mlxkv's dispatchers take their Metal path, on the simulator (no Metal here)."""
+    monkeypatch.setattr(mx.fast, "metal_kernel", simulator.metal_kernel)
+    monkeypatch.setenv("MLXKV_KERNELS", "metal")
+    return simulator

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..kernels import QuantizedKV, attention_mass, sdpa_quantized
+from ..kernels.sdpa_quantized import fused_available
 from ..stats import LayerStats
 from .codec import AffineCodec, FloatCodec
 
@@ -288,6 +290,12 @@ class CompressedCache:
         H = self.sink_k.shape[1]
         rep = Hq // H
         q = self._rot(queries) if self.rotate else queries
+        if L == 1:
+            ring = self._quantized_ring()
+            if ring is not None:
+                fk, fv = self._float_part()
+                if fused_available(ring, q, fk, fv):
+                    return self._attend_fused(q, scale, ring, fk, fv)
         q = (q * scale).reshape(B, H, rep, L, D)
         segs = self._segments(dense_after=q if L > 1 else None)
         if L == 1:
@@ -310,10 +318,57 @@ class CompressedCache:
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
         return out.reshape(B, Hq, L, -1)
 
+    # ----- the fused Metal path (decode) ---------------------------------------------
+    def _quantized_ring(self) -> QuantizedKV | None:
+        """The ring as the fused kernel reads it, when both codecs are quantized."""
+        kc, vc = self.kc, self.vc
+        if not (isinstance(kc, AffineCodec) and isinstance(vc, AffineCodec)) or not self.ring_len:
+            return None
+        return QuantizedKV(keys=self.ring_k, values=self.ring_v, length=self.ring_len,
+                           key_bits=kc.bits, key_group=kc.group, value_bits=vc.bits,
+                           value_group=vc.group, key_mode=kc.axis)
+
+    def _float_part(self):
+        """Sinks then residual (B, H, n, D): the full-precision tokens after a decode step."""
+        ks = [self.sink_k[..., : self.n_sinks, :], self.res_k[..., : self.res_len, :]]
+        vs = [self.sink_v[..., : self.n_sinks, :], self.res_v[..., : self.res_len, :]]
+        return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
+
+    def _attend_fused(self, q, scale, ring, fk, fv):
+        """One decode query over the packed ring and the float tokens in one kernel; a
+        cache that learns from attention gets each token's mass from the same call."""
+        rows = self._observed_rows((0, 1, 1))
+        if rows is None:
+            return sdpa_quantized(q, scale=scale, ring=ring, float_keys=fk, float_values=fv)
+        out, scores, lse = sdpa_quantized(q, scale=scale, ring=ring, float_keys=fk,
+                                          float_values=fv, stats=True)
+        mass = attention_mass(scores, lse, kv_heads=fk.shape[1], rows=rows)
+        nq, ns = ring.length, self.n_sinks
+        # kernel order (ring, sinks, residual) -> segment order (sinks, ring, residual)
+        mass = mx.concatenate([mass[..., nq : nq + ns], mass[..., :nq], mass[..., nq + ns :]], -1)
+        self._observe_mass(mass, (0, 1, 1))
+        return out
+
+    def _observed_rows(self, queries: tuple[int, int, int]) -> tuple[int, int] | None:
+        """Which rows of queries ``first .. first + n`` of a chunk of L (``queries`` =
+        (first, n, L)) this cache learns from, as a (start, stop) range, or None. The
+        base cache learns from none; scored caches ask their policy."""
+        return None
+
+    def _observe_mass(self, mass: mx.array, queries: tuple[int, int, int]) -> None:
+        """Attention mass (B, H, T) the observed rows gave each held token, summed over
+        rows and the query heads of each kv head, in segment order (sinks, ring,
+        residual, chunk)."""
+
     def _observe(self, probs: mx.array, queries: tuple[int, int, int]) -> None:
-        """Attention probabilities (B, H, rep * n, T) of queries ``first .. first + n`` of
-        a chunk of L (``queries`` = (first, n, L)) over the segments, for caches whose
-        eviction scores come from attention. The base cache does not need them."""
+        """Attention probabilities (B, H, rep * n, T) of a block of queries."""
+        rows = self._observed_rows(queries)
+        if rows is None:
+            return
+        n = queries[1]
+        B, H, M, T = probs.shape
+        p = probs.reshape(B, H, M // n, n, T)[:, :, :, rows[0] : rows[1]]
+        self._observe_mass(p.sum(axis=(2, 3)), queries)
 
     def _attend_block(self, q, segs, visible, queries):
         """q (B, H, M, D), M = rep * n rows; visible (n, T) or None."""

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ..kernels import quantize_rows
+
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 
@@ -88,9 +90,8 @@ class AffineCodec:
 
     def encode(self, x):
         """x (B, H, n, D) float -> the codec's storage for those n tokens."""
-        if self.axis == "token":
-            return mx.quantize(x, group_size=self.group, bits=self.bits)
-        return mx.quantize(x.swapaxes(-1, -2), group_size=self.group, bits=self.bits)
+        rows = x if self.axis == "token" else x.swapaxes(-1, -2)
+        return quantize_rows(rows, bits=self.bits, group_size=self.group)
 
     def write(self, state, slot, x):
         w, s, b = self.encode(x)

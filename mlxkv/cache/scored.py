@@ -47,16 +47,12 @@ class ScoredCache(WindowCache):
         return mx.full(i.shape, self.sinks, mx.int32)
 
     # ----- statistics from attention --------------------------------------------------
-    def _observe(self, probs, queries):
+    def _observed_rows(self, queries):
         if not self.policy.needs_attention:
-            return
-        first, n, total = queries
-        rows = self.policy.observed_queries(first, n, total)
-        if rows is None:
-            return
-        B, H, M, T = probs.shape
-        p = probs.reshape(B, H, M // n, n, T)[:, :, :, rows[0] : rows[1]]
-        mass = p.sum(axis=(2, 3))  # (B, H, T)
+            return None
+        return self.policy.observed_queries(*queries)
+
+    def _observe_mass(self, mass, queries):
         at = self.n_sinks
         if self.ring_len:
             ring = mass[..., at : at + self.ring_len]

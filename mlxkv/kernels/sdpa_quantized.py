@@ -140,6 +140,12 @@ def sdpa_quantized_reference(q, *, scale, ring, float_keys, float_values, stats=
     return (out, s, lse) if stats else out
 
 
+def fused_available(ring: QuantizedKV | None, q, float_keys, float_values) -> bool:
+    """Whether ``sdpa_quantized`` would run the Metal kernel for these arrays (callers
+    with a faster non-Metal path of their own use it to choose)."""
+    return _metal.use_metal(_dims_ok(ring, q, float_keys, float_values))
+
+
 def sdpa_quantized(q: mx.array, *, scale: float, ring: QuantizedKV | None, float_keys: mx.array,
                    float_values: mx.array, stats: bool = False):
     """Attention of q (B, Hq, L, D) over ``ring`` then ``float_keys``/``float_values``

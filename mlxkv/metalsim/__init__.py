@@ -43,6 +43,7 @@ What it cannot emulate (kernels here stay inside these lines):
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import hashlib
 import mmap
@@ -301,7 +302,7 @@ class Simulator:
         self.seed = seed
         self.timeout = timeout
         self.cache = Path(cache) if cache else cache_dir() / "metalsim"
-        self.launches = 0
+        self.launches = collections.Counter()  # kernel name -> simulated launches
 
     def metal_kernel(self, name, input_names, output_names, source, header="",
                      ensure_row_contiguous=True, atomic_outputs=False, compile_options=None):
@@ -401,7 +402,7 @@ class Simulator:
         grid_arr = (ctypes.c_uint32 * 3)(*grid)
         group_arr = (ctypes.c_uint32 * 3)(*group)
         self._run(spec.name, lib, ptr_array, grid_arr, group_arr)
-        self.launches += 1
+        self.launches[spec.name] += 1
         return [_from_numpy(view.copy(), dt) for _, view, dt in outputs]
 
     def _run(self, name, lib, ptrs, grid, group):

@@ -1,0 +1,186 @@
+"""Every kernel in metal_kernels/ against its pure-MLX reference, through the CPU
+simulator of Metal (``mlxkv.metalsim``). References compute in float32."""
+
+from importlib import import_module
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlxkv
+from mlxkv.kernels import QuantizedKV, _metal
+
+# the kernel modules (their packages export the dispatchers under the same names)
+sdpa_quantized = import_module("mlxkv.kernels.sdpa_quantized")
+quantize_rows = import_module("mlxkv.kernels.quantize_rows")
+attention_stats = import_module("mlxkv.kernels.attention_stats")
+
+# max |kernel - reference| allowed, relative to max |reference| (float32 accumulation
+# in the kernel; the output is rounded to the dtype)
+TOL = {mx.float32: 2e-5, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
+
+
+def close(got, want, dtype):
+    got, want = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
+    assert not np.isnan(got).any(), "NaN in the kernel output (unwritten or poisoned)"
+    err = np.abs(got - want).max()
+    assert err <= TOL[dtype] * max(1.0, np.abs(want).max()), f"max error {err}"
+
+
+def make_ring(B, H, n, D, DV, *, bits, group, mode, dtype, alloc=None, seed=0):
+    """A quantized ring of n used slots (of ``alloc``) in mlxkv's codec layout."""
+    alloc = alloc or -(-max(n, 1) // 64) * 64
+    k0 = mx.random.normal((B, H, alloc, D), key=mx.random.key(seed)).astype(dtype)
+    v0 = mx.random.normal((B, H, alloc, DV), key=mx.random.key(seed + 1)).astype(dtype)
+    keys = mx.quantize(k0 if mode == "token" else k0.swapaxes(-1, -2), group_size=group, bits=bits)
+    values = mx.quantize(v0, group_size=group, bits=bits)
+    return QuantizedKV(keys=keys, values=values, length=n, key_bits=bits, key_group=group,
+                       value_bits=bits, value_group=group, key_mode=mode)
+
+
+def attention_case(*, B=1, H=2, rep=3, L=1, D=64, DV=None, n=33, nf=5, bits=4, group=32,
+                   mode="token", dtype=mx.float32, seed=0):
+    DV = DV or D
+    ring = make_ring(B, H, n, D, DV, bits=bits, group=group, mode=mode, dtype=dtype, seed=seed) if n else None
+    r = lambda shape, s: mx.random.normal(shape, key=mx.random.key(seed + s)).astype(dtype)  # noqa: E731
+    return dict(q=r((B, H * rep, L, D), 7), scale=D ** -0.5, ring=ring,
+                float_keys=r((B, H, nf, D), 8), float_values=r((B, H, nf, DV), 9))
+
+
+def run_both(case, passes, stats=False):
+    got = sdpa_quantized.sdpa_quantized_metal(**case, passes=passes, stats=stats)
+    want = sdpa_quantized.sdpa_quantized_reference(**case, stats=stats)
+    return got, want
+
+
+# ----- fused attention ---------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["token", "channel"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("passes", [1, 2])
+def test_sdpa_bits_and_key_modes(metal_sim, bits, mode, passes):
+    case = attention_case(bits=bits, mode=mode, n=64 if mode == "channel" else 33)
+    got, want = run_both(case, passes)
+    close(got, want, mx.float32)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_sdpa_head_dims_and_dtypes(metal_sim, D, dtype):
+    case = attention_case(D=D, dtype=dtype, group=64, n=70, nf=3)
+    got, want = run_both(case, 1)
+    close(got, want, dtype)
+
+
+@pytest.mark.parametrize("rep", [1, 3, 8])
+@pytest.mark.parametrize("n", [1, 2, 31, 33, 257, 4097])
+def test_sdpa_cache_lengths_and_gqa(metal_sim, n, rep):
+    case = attention_case(rep=rep, n=n, H=1 if n > 257 else 2, nf=0 if n == 1 else 2)
+    got = sdpa_quantized.sdpa_quantized(**case)  # the dispatcher: two passes past 512 tokens
+    close(got, sdpa_quantized.sdpa_quantized_reference(**case), mx.float32)
+
+
+def test_sdpa_chunk_is_causal_and_masked_rows_are_zero(metal_sim):
+    # L = 4 query rows over only 2 float tokens and no ring: rows 0 and 1 see nothing.
+    case = attention_case(L=4, n=0, nf=2)
+    for passes in (1, 2):
+        got, want = run_both(case, passes)
+        close(got, want, mx.float32)
+        assert np.all(np.array(got)[:, :, :2] == 0)
+    case = attention_case(L=3, n=40, nf=6)
+    close(*run_both(case, 1), mx.float32)
+
+
+def test_sdpa_stats_and_attention_mass(metal_sim):
+    case = attention_case(L=2, n=45, nf=4, rep=3)
+    for passes in (1, 2):
+        (out, scores, lse), (r_out, r_scores, r_lse) = run_both(case, passes, stats=True)
+        close(out, r_out, mx.float32)
+        close(lse, r_lse, mx.float32)
+        finite = np.isfinite(np.array(r_scores))
+        assert np.array_equal(finite, np.isfinite(np.array(scores)))
+        assert np.allclose(np.array(scores)[finite], np.array(r_scores)[finite], atol=1e-5)
+        for rows in [(0, 2), (1, 2)]:
+            got = attention_stats.attention_mass_metal(scores, lse, kv_heads=2, rows=rows)
+            want = attention_stats.attention_mass_reference(r_scores, r_lse, kv_heads=2, rows=rows)
+            close(got, want, mx.float32)
+            # each observed row spreads a total mass of 1 per query head
+            assert np.allclose(np.array(got).sum(-1), 3 * (rows[1] - rows[0]), atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sdpa_same_result_in_shuffled_schedules(simulator, monkeypatch, seed):
+    from mlxkv.metalsim import Simulator
+
+    shuffled = Simulator(seed=seed, cache=simulator.cache)
+    monkeypatch.setattr(mx.fast, "metal_kernel", shuffled.metal_kernel)
+    case = attention_case(n=300, nf=3, rep=2)
+    for passes in (1, 2):
+        got, want = run_both(case, passes)
+        close(got, want, mx.float32)
+
+
+# ----- quantize -------------------------------------------------------------------------
+@pytest.mark.parametrize("bits,group,dtype", [(2, 64, mx.float32), (3, 64, mx.float32),
+                                              (4, 64, mx.float32), (8, 64, mx.float32),
+                                              (4, 32, mx.float32), (4, 128, mx.float32),
+                                              (4, 64, mx.float16), (4, 64, mx.bfloat16)])
+def test_quantize_rows_matches_mx_quantize(metal_sim, bits, group, dtype):
+    x = (mx.random.normal((2, 3, 5, 128), key=mx.random.key(bits)) * 3).astype(dtype)
+    w, s, b = quantize_rows.quantize_rows(x, bits=bits, group_size=group)
+    rw, rs, rb = mx.quantize(x, group_size=group, bits=bits)
+    assert w.shape == rw.shape and s.shape == rs.shape and w.dtype == mx.uint32
+    close(s, rs, dtype)
+    close(b, rb, dtype)
+    deq = mx.dequantize(w, s, b, group_size=group, bits=bits)
+    ref = mx.dequantize(rw, rs, rb, group_size=group, bits=bits)
+    step = np.repeat(np.abs(np.array(rs.astype(mx.float32))), group, axis=-1)
+    assert np.all(np.abs(np.array((deq - ref).astype(mx.float32))) <= step * 1.01 + 1e-6)
+    if dtype == mx.float32:  # same rounding as mx.quantize
+        assert np.array_equal(np.array(w), np.array(rw))
+
+
+# ----- the dispatchers ----------------------------------------------------------------
+def test_dispatch_uses_reference_without_metal(monkeypatch):
+    monkeypatch.delenv("MLXKV_KERNELS", raising=False)
+    assert not mx.metal.is_available()  # this machine: CPU only
+    assert not _metal.use_metal(True)
+    monkeypatch.setenv("MLXKV_KERNELS", "metal")
+    assert _metal.use_metal(True) and not _metal.use_metal(False)
+    monkeypatch.setenv("MLXKV_KERNELS", "reference")
+    assert not _metal.use_metal(True)
+    monkeypatch.setenv("MLXKV_KERNELS", "gpu")
+    with pytest.raises(ValueError, match="MLXKV_KERNELS"):
+        _metal.use_metal(True)
+
+
+def test_unsupported_shape_falls_back_to_reference(metal_sim):
+    case = attention_case(bits=6, n=10)  # 6-bit codes: no kernel for them
+    before = sum(metal_sim.launches.values())
+    got = sdpa_quantized.sdpa_quantized(**case)
+    assert sum(metal_sim.launches.values()) == before
+    close(got, sdpa_quantized.sdpa_quantized_reference(**case), mx.float32)
+
+
+# ----- end to end: the default model on the simulated Metal path ----------------------------
+@pytest.mark.parametrize("config", [
+    dict(key_bits=4, value_bits=4),
+    dict(key_bits=8, value_bits=8, budget="2MB", policy="h2o"),
+])
+def test_model_greedy_tokens_same_on_simulated_metal(smollm, simulator, monkeypatch, config):
+    model, tok = smollm
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Write two sentences about the sea and the moon."}],
+        add_generation_prompt=True)
+    cfg = mlxkv.CacheConfig(**config)
+    monkeypatch.setenv("MLXKV_KERNELS", "reference")
+    want = mlxkv.generate(model, tok, prompt, max_tokens=6, cache=mlxkv.make_cache(model, cfg))
+    monkeypatch.setattr(mx.fast, "metal_kernel", simulator.metal_kernel)
+    monkeypatch.setenv("MLXKV_KERNELS", "metal")
+    before = simulator.launches.copy()
+    got = mlxkv.generate(model, tok, prompt, max_tokens=6, cache=mlxkv.make_cache(model, cfg))
+    ran = simulator.launches - before
+    steps = 5 * len(model.layers)  # decode steps after the prompt's, every layer
+    assert ran["sdpa_quantized"] >= steps and ran["quantize_rows"] > 0
+    if "policy" in config:  # H2O's statistics come from the same attention calls
+        assert ran["attention_stats"] == ran["sdpa_quantized"]
+    assert got == want
