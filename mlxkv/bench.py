@@ -4,6 +4,7 @@ mlx-lm's own caches, same model, same process, ratios against mlx-lm's ``KVCache
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -171,9 +172,49 @@ def markdown_table(rows: list[BenchRow]) -> str:
     return "\n".join(lines)
 
 
+def cmd_kernel_bench(args) -> int:
+    from .kernel_bench import (KERNEL_HEADER, KERNEL_TOLERANCE, NEEDS_METAL, run_kernel_bench, simulated,
+                               supported_on_this_machine)
+
+    try:
+        lengths = [int(x) for x in args.kernel_lengths.split(",")]
+        heads = [int(x) for x in args.kernel_heads.split(":")]
+    except ValueError:
+        raise InputError("--kernel-lengths takes token counts like 1024,8192 and "
+                         "--kernel-heads query:kv heads like 9:3") from None
+    if any(n < 1 for n in lengths) or len(heads) != 2 or min(heads) < 1:
+        raise InputError("--kernel-lengths takes token counts >= 1 and --kernel-heads two "
+                         "positive counts (query:kv)")
+    if args.kernel_bits not in (2, 3, 4, 8):
+        raise InputError(f"--kernel-bits must be 2, 3, 4 or 8 (got {args.kernel_bits})")
+    if not (args.simulate or supported_on_this_machine()):
+        raise InputError(NEEDS_METAL)
+    context = simulated() if args.simulate else contextlib.nullcontext()
+    where = "the CPU simulator of Metal (timings mean nothing)" if args.simulate else mx.default_device()
+    print(f"mlxkv bench --kernels: {args.kernel_bits}-bit K/V, heads {heads[0]}:{heads[1]}, "
+          f"head dim {args.kernel_head_dim}, on {where}", file=sys.stderr)
+    with context:
+        print(KERNEL_HEADER)
+        rows = run_kernel_bench(lengths=lengths, bits=args.kernel_bits, q_heads=heads[0],
+                                kv_heads=heads[1], head_dim=args.kernel_head_dim,
+                                group_size=64 if args.kernel_head_dim % 64 == 0 else 32,
+                                repeats=args.kernel_repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+    bad = [r.length for r in rows if not r.max_error <= KERNEL_TOLERANCE]
+    if bad:
+        print(f"mlxkv: error: the fused kernel disagrees with its reference at {bad} tokens "
+              f"(max error above {KERNEL_TOLERANCE})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .cli import load_for_args
 
+    if args.kernels:
+        return cmd_kernel_bench(args)
     contexts = [int(x) for x in args.contexts.split(",")]
     if any(c < 2 for c in contexts):
         raise InputError("--contexts must be token counts >= 2, e.g. 1024,4096")
@@ -204,4 +245,17 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--config", action="append", help="run only this config (repeatable)")
     b.add_argument("--json", help="write the rows as JSON here")
     b.add_argument("--markdown", help="write a Markdown table here")
+    k = b.add_argument_group("fused kernels (--kernels, needs Metal)")
+    k.add_argument("--kernels", action="store_true",
+                   help="time mlxkv's fused quantized-cache attention against "
+                        "mx.fast.scaled_dot_product_attention on fp16 K/V (no model loaded)")
+    k.add_argument("--kernel-lengths", default="1024,2048,4096,8192,16384,32768",
+                   help="cache lengths in tokens")
+    k.add_argument("--kernel-bits", type=int, default=4, help="bits of the quantized K and V")
+    k.add_argument("--kernel-heads", default="9:3", help="query:kv heads (default model's)")
+    k.add_argument("--kernel-head-dim", type=int, default=64)
+    k.add_argument("--kernel-repeats", type=int, default=20, help="timed calls per length")
+    k.add_argument("--simulate", action="store_true",
+                   help="run the kernels on the CPU simulator of Metal (checks outputs; "
+                        "timings mean nothing)")
     b.set_defaults(func=cmd_bench)

@@ -142,8 +142,7 @@ def test_quantize_rows_matches_mx_quantize(metal_sim, bits, group, dtype):
 # ----- the dispatchers ----------------------------------------------------------------
 def test_dispatch_uses_reference_without_metal(monkeypatch):
     monkeypatch.delenv("MLXKV_KERNELS", raising=False)
-    assert not mx.metal.is_available()  # this machine: CPU only
-    assert not _metal.use_metal(True)
+    assert _metal.use_metal(True) == mx.metal.is_available()  # auto: Metal when there is one
     monkeypatch.setenv("MLXKV_KERNELS", "metal")
     assert _metal.use_metal(True) and not _metal.use_metal(False)
     monkeypatch.setenv("MLXKV_KERNELS", "reference")
@@ -155,9 +154,13 @@ def test_dispatch_uses_reference_without_metal(monkeypatch):
 
 def test_unsupported_shape_falls_back_to_reference(metal_sim):
     case = attention_case(bits=6, n=10)  # 6-bit codes: no kernel for them
-    before = sum(metal_sim.launches.values())
+    assert not sdpa_quantized.fused_available(case["ring"], case["q"], case["float_keys"],
+                                              case["float_values"])
+    if metal_sim is not None:
+        before = sum(metal_sim.launches.values())
+        got = sdpa_quantized.sdpa_quantized(**case)
+        assert sum(metal_sim.launches.values()) == before
     got = sdpa_quantized.sdpa_quantized(**case)
-    assert sum(metal_sim.launches.values()) == before
     close(got, sdpa_quantized.sdpa_quantized_reference(**case), mx.float32)
 
 
@@ -166,7 +169,7 @@ def test_unsupported_shape_falls_back_to_reference(metal_sim):
     dict(key_bits=4, value_bits=4),
     dict(key_bits=8, value_bits=8, budget="2MB", policy="h2o"),
 ])
-def test_model_greedy_tokens_same_on_simulated_metal(smollm, simulator, monkeypatch, config):
+def test_model_greedy_tokens_same_on_metal_path(smollm, simulator, monkeypatch, config):
     model, tok = smollm
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "Write two sentences about the sea and the moon."}],
@@ -174,13 +177,45 @@ def test_model_greedy_tokens_same_on_simulated_metal(smollm, simulator, monkeypa
     cfg = mlxkv.CacheConfig(**config)
     monkeypatch.setenv("MLXKV_KERNELS", "reference")
     want = mlxkv.generate(model, tok, prompt, max_tokens=6, cache=mlxkv.make_cache(model, cfg))
-    monkeypatch.setattr(mx.fast, "metal_kernel", simulator.metal_kernel)
     monkeypatch.setenv("MLXKV_KERNELS", "metal")
+    if not mx.metal.is_available():
+        monkeypatch.setattr(mx.fast, "metal_kernel", simulator.metal_kernel)
     before = simulator.launches.copy()
     got = mlxkv.generate(model, tok, prompt, max_tokens=6, cache=mlxkv.make_cache(model, cfg))
+    assert got == want
+    if mx.metal.is_available():
+        return  # ran on the GPU: nothing to count
     ran = simulator.launches - before
     steps = 5 * len(model.layers)  # decode steps after the prompt's, every layer
     assert ran["sdpa_quantized"] >= steps and ran["quantize_rows"] > 0
     if "policy" in config:  # H2O's statistics come from the same attention calls
         assert ran["attention_stats"] == ran["sdpa_quantized"]
-    assert got == want
+
+
+# ----- mlxkv bench --kernels ----------------------------------------------------------------
+def test_bench_kernels_cli_on_the_simulator(tmp_path, monkeypatch, capsys):
+    import json
+
+    from mlxkv.cli import main
+
+    monkeypatch.setenv("MLXKV_CACHE_DIR", str(tmp_path))  # the simulator's compile cache
+    out = tmp_path / "kernels.json"
+    assert main(["bench", "--kernels", "--simulate", "--kernel-lengths", "40,600",
+                 "--kernel-repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["length"] for r in rows] == [40, 600]  # one single-pass, one two-pass length
+    for r in rows:
+        assert r["max_error"] < 1e-2 and r["quantization_error"] < 0.2
+        assert r["quantized_kv_mb"] < r["fp16_kv_mb"] / 3 and r["speedup"] > 0
+    printed = capsys.readouterr().out
+    assert "x sdpa" in printed and "    600" in printed
+
+
+def test_bench_kernels_needs_metal_or_simulate(capsys, monkeypatch):
+    from mlxkv.cli import main
+
+    monkeypatch.delenv("MLXKV_KERNELS", raising=False)
+    assert main(["bench", "--kernels", "--kernel-lengths", "64"]) == 2
+    assert "needs a Metal device" in capsys.readouterr().err
+    assert main(["bench", "--kernels", "--simulate", "--kernel-bits", "5"]) == 2
+    assert "--kernel-bits must be 2, 3, 4 or 8" in capsys.readouterr().err

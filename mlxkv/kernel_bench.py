@@ -1,0 +1,123 @@
+"""``mlxkv bench --kernels``: fused attention over a quantized cache against
+``mx.fast.scaled_dot_product_attention`` over fp16 K/V, one decode query, cache lengths
+from 1k to 32k tokens, same process, ratios printed (> 1: the fused kernel is faster).
+
+It needs a Metal device (a Mac). ``--simulate`` runs it on the CPU simulator of Metal
+instead: the outputs are checked the same way but the timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .errors import InputError
+from .kernels import QuantizedKV, quantize_rows, sdpa_quantized
+from .kernels import _metal
+from .kernels.sdpa_quantized import fused_available, sdpa_quantized_reference
+
+
+KERNEL_TOLERANCE = 1e-2  # max |fused - reference| for fp16 outputs of order 1
+NEEDS_METAL = ("mlxkv bench --kernels needs a Metal device (a Mac with Apple silicon); on other "
+               "machines add --simulate to check the kernels on the CPU simulator (timings then "
+               "mean nothing)")
+
+
+@dataclass
+class KernelRow:
+    length: int
+    sdpa_ms: float         # mx.fast.scaled_dot_product_attention, fp16 K/V (median)
+    fused_ms: float        # mlxkv fused kernel over the quantized cache (median)
+    speedup: float         # sdpa_ms / fused_ms
+    fp16_kv_mb: float
+    quantized_kv_mb: float
+    max_error: float       # fused kernel vs its float32 reference on the same codes
+    quantization_error: float  # fused kernel vs fp16 SDPA (what the bits cost)
+
+
+def _median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        mx.eval(fn())
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+@contextlib.contextmanager
+def simulated():
+    """Route mlxkv's kernels to the CPU simulator of Metal for the duration."""
+    from .metalsim import Simulator
+
+    original, mode = mx.fast.metal_kernel, os.environ.get("MLXKV_KERNELS")
+    mx.fast.metal_kernel = Simulator().metal_kernel
+    os.environ["MLXKV_KERNELS"] = "metal"
+    try:
+        yield
+    finally:
+        mx.fast.metal_kernel = original
+        if mode is None:
+            os.environ.pop("MLXKV_KERNELS", None)
+        else:
+            os.environ["MLXKV_KERNELS"] = mode
+
+
+def run_kernel_bench(*, lengths, bits: int = 4, group_size: int = 64, q_heads: int = 9,
+                     kv_heads: int = 3, head_dim: int = 64, repeats: int = 20,
+                     dtype=mx.float16, log=print) -> list[KernelRow]:
+    if q_heads % kv_heads:
+        raise InputError(f"--kernel-heads: {q_heads} query heads are not a multiple of {kv_heads} kv heads")
+    if head_dim % group_size:
+        raise InputError(f"head dim {head_dim} is not a multiple of the group size {group_size}")
+    rows = []
+    scale = head_dim ** -0.5
+    for n in lengths:
+        key = mx.random.key(n)
+        k1, k2, k3 = mx.random.split(key, 3)
+        q = mx.random.normal((1, q_heads, 1, head_dim), key=k1).astype(dtype)
+        k = mx.random.normal((1, kv_heads, n, head_dim), key=k2).astype(dtype)
+        v = mx.random.normal((1, kv_heads, n, head_dim), key=k3).astype(dtype)
+        ring = QuantizedKV(keys=quantize_rows(k, bits=bits, group_size=group_size),
+                           values=quantize_rows(v, bits=bits, group_size=group_size), length=n,
+                           key_bits=bits, key_group=group_size, value_bits=bits,
+                           value_group=group_size)
+        empty = mx.zeros((1, kv_heads, 0, head_dim), dtype)
+        mx.eval(q, k, v, *ring.keys, *ring.values)
+        if not fused_available(ring, q, empty, empty):
+            raise InputError(NEEDS_METAL)
+        fused = lambda: sdpa_quantized(q, scale=scale, ring=ring, float_keys=empty,  # noqa: E731
+                                       float_values=empty)
+        base = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
+        out, want = fused(), base()
+        ref = sdpa_quantized_reference(q, scale=scale, ring=ring, float_keys=empty, float_values=empty)
+        err = mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)).max().item()
+        qerr = mx.abs(out.astype(mx.float32) - want.astype(mx.float32)).max().item()
+        sdpa_ms, fused_ms = _median_ms(base, repeats), _median_ms(fused, repeats)
+        row = KernelRow(length=n, sdpa_ms=sdpa_ms, fused_ms=fused_ms, speedup=sdpa_ms / fused_ms,
+                        fp16_kv_mb=(k.nbytes + v.nbytes) / 1e6,
+                        quantized_kv_mb=sum(a.nbytes for a in (*ring.keys, *ring.values)) / 1e6,
+                        max_error=err, quantization_error=qerr)
+        rows.append(row)
+        log(format_kernel_row(row))
+    return rows
+
+
+KERNEL_HEADER = (f"{'tokens':>7} {'sdpa fp16 ms':>12} {'fused ms':>9} {'x sdpa':>7} "
+                 f"{'fp16 KV MB':>10} {'quant KV MB':>11} {'max err':>9} {'vs fp16':>8}")
+
+
+def format_kernel_row(r: KernelRow) -> str:
+    return (f"{r.length:7d} {r.sdpa_ms:12.3f} {r.fused_ms:9.3f} {r.speedup:7.2f} "
+            f"{r.fp16_kv_mb:10.2f} {r.quantized_kv_mb:11.2f} {r.max_error:9.2e} "
+            f"{r.quantization_error:8.2e}")
+
+
+def supported_on_this_machine() -> bool:
+    return _metal.use_metal(True)
