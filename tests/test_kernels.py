@@ -164,6 +164,33 @@ def test_unsupported_shape_falls_back_to_reference(metal_sim):
     close(got, sdpa_quantized.sdpa_quantized_reference(**case), mx.float32)
 
 
+def test_kernel_failing_on_the_device_falls_back_to_reference_with_a_warning(monkeypatch):
+    # What a Mac user gets if Apple's compiler rejects a kernel: a warning, the right
+    # answer from the reference, and the kernel turned off for the rest of the process.
+    monkeypatch.delenv("MLXKV_KERNELS", raising=False)
+    monkeypatch.setattr(_metal, "_FAILED", {})
+    monkeypatch.setattr(_metal, "_CHECKED", set())
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    calls = []
+
+    def rejecting_compiler(**spec):
+        def launch(**kwargs):
+            calls.append(spec["name"])
+            raise RuntimeError("[metal::Device] Unable to build metal library from source")
+        return launch
+
+    monkeypatch.setattr(mx.fast, "metal_kernel", rejecting_compiler)
+    case = attention_case(n=40)
+    with pytest.warns(RuntimeWarning, match="sdpa_quantized failed on this device"):
+        got = sdpa_quantized.sdpa_quantized(**case)
+    close(got, sdpa_quantized.sdpa_quantized_reference(**case), mx.float32)
+    assert calls == ["sdpa_quantized"]
+    assert not sdpa_quantized.fused_available(case["ring"], case["q"], case["float_keys"],
+                                              case["float_values"])
+    sdpa_quantized.sdpa_quantized(**case)
+    assert calls == ["sdpa_quantized"]  # not tried again
+
+
 # ----- end to end: the default model on the simulated Metal path ----------------------------
 @pytest.mark.parametrize("config", [
     dict(key_bits=4, value_bits=4),

@@ -4,6 +4,7 @@ per source and factory, and the choice between Metal and the reference."""
 from __future__ import annotations
 
 import os
+import warnings
 from importlib import resources
 
 import mlx.core as mx
@@ -18,10 +19,10 @@ def mode() -> str:
     return value
 
 
-def use_metal(supported: bool) -> bool:
-    """Whether a dispatcher should call its Metal kernel for a supported shape."""
+def use_metal(supported: bool, name: str | None = None) -> bool:
+    """Whether a dispatcher should call its Metal kernel ``name`` for a supported shape."""
     m = mode()
-    if m == "reference" or not supported:
+    if m == "reference" or not supported or (name is not None and name in _FAILED):
         return False
     return m == "metal" or mx.metal.is_available()
 
@@ -46,3 +47,38 @@ def kernel(name: str, inputs: list[str], outputs: list[str], *, header: str = ""
                      source=source(f"{name}.metal"), header=head, **options)
         built = _BUILT[key] = (factory, fn)
     return built[1]
+
+
+_CHECKED: set = set()
+_FAILED: dict[str, str] = {}  # kernel name -> why it was turned off
+
+
+def failed(name: str) -> bool:
+    """Whether ``name`` failed on this Metal device (its dispatcher then uses the reference)."""
+    return name in _FAILED
+
+
+def launch(name: str, inputs_names: list[str], outputs: list[str], *, inputs, template,
+           header: str = "", **call):
+    """Launch ``metal_kernels/<name>.metal``; returns its outputs, or None if it failed.
+
+    Apple's compiler only sees a kernel on the device, so in ``auto`` mode the first
+    launch of each instantiation is evaluated at once: a kernel that does not compile or
+    run there is turned off with a warning and the caller falls back to its reference
+    (the answer stays right, only slower). With ``MLXKV_KERNELS=metal`` errors propagate.
+    """
+    key = (name, repr(template), tuple((x.dtype, x.ndim, x.size < 8) for x in inputs))
+    if mode() == "metal" or key in _CHECKED:
+        return kernel(name, inputs_names, outputs, header=header)(
+            inputs=inputs, template=template, **call)
+    try:
+        outs = kernel(name, inputs_names, outputs, header=header)(
+            inputs=inputs, template=template, **call)
+        mx.eval(outs)
+    except RuntimeError as e:
+        _FAILED[name] = str(e)
+        warnings.warn(f"mlxkv: Metal kernel {name} failed on this device and is turned off "
+                      f"(the reference path is used instead): {e}", RuntimeWarning, stacklevel=3)
+        return None
+    _CHECKED.add(key)
+    return outs

@@ -13,12 +13,12 @@ def attention_mass_metal(scores: mx.array, lse: mx.array, *, kv_heads: int,
                          rows: tuple[int, int]) -> mx.array:
     """scores (B, Hq, L, T) float32, lse (B, Hq, L) -> mass (B, H, T) float32."""
     B, Hq, L, T = scores.shape
-    fn = _metal.kernel("attention_stats", ["scores", "lse", "dims"], ["mass"])
-    (mass,) = fn(
+    outs = _metal.launch(
+        "attention_stats", ["scores", "lse", "dims"], ["mass"], template=[],
         inputs=[scores, lse, mx.array([kv_heads, Hq, L, T, rows[0], rows[1]], mx.int32)],
         grid=(T, B * kv_heads, 1), threadgroup=(min(T, 256), 1, 1),
         output_shapes=[(B, kv_heads, T)], output_dtypes=[mx.float32])
-    return mass
+    return None if outs is None else outs[0]
 
 
 def attention_mass_reference(scores, lse, *, kv_heads, rows):
@@ -33,6 +33,8 @@ def attention_mass(scores: mx.array, lse: mx.array, *, kv_heads: int,
     query heads of each kv head: (B, kv_heads, T) float32."""
     rows = rows or (0, scores.shape[2])
     supported = scores.dtype == mx.float32 and scores.shape[1] % kv_heads == 0 and scores.size > 0
-    if _metal.use_metal(supported):
-        return attention_mass_metal(scores, lse, kv_heads=kv_heads, rows=rows)
+    if _metal.use_metal(supported, "attention_stats"):
+        mass = attention_mass_metal(scores, lse, kv_heads=kv_heads, rows=rows)
+        if mass is not None:
+            return mass
     return attention_mass_reference(scores, lse, kv_heads=kv_heads, rows=rows)

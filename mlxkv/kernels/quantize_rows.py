@@ -19,13 +19,16 @@ def quantize_rows_metal(x: mx.array, *, bits: int, group_size: int):
     for s in lead:
         n *= s
     groups = dx // group_size
-    fn = _metal.kernel("quantize_rows", ["x", "dims"], ["w", "scales", "biases"])
-    w, s, b = fn(
+    outs = _metal.launch(
+        "quantize_rows", ["x", "dims"], ["w", "scales", "biases"],
         inputs=[x.reshape(n, dx), mx.array([n, dx], mx.int32)],
         template=[("T", x.dtype), ("BITS", bits), ("G", group_size)],
         grid=(groups, n, 1), threadgroup=(min(groups, 32), 1, 1),
         output_shapes=[(n, dx * bits // 32), (n, groups), (n, groups)],
         output_dtypes=[mx.uint32, x.dtype, x.dtype])
+    if outs is None:
+        return None
+    w, s, b = outs
     return (w.reshape(*lead, -1), s.reshape(*lead, groups), b.reshape(*lead, groups))
 
 
@@ -40,6 +43,8 @@ def supported(x: mx.array, bits: int, group_size: int) -> bool:
 
 def quantize_rows(x: mx.array, *, bits: int, group_size: int):
     """Quantize the last axis of ``x`` in groups: Metal kernel or ``mx.quantize``."""
-    if _metal.use_metal(supported(x, bits, group_size)):
-        return quantize_rows_metal(x, bits=bits, group_size=group_size)
+    if _metal.use_metal(supported(x, bits, group_size), "quantize_rows"):
+        out = quantize_rows_metal(x, bits=bits, group_size=group_size)
+        if out is not None:
+            return out
     return quantize_rows_reference(x, bits=bits, group_size=group_size)

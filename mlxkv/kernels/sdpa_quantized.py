@@ -19,6 +19,7 @@ from . import _metal
 SIMDGROUPS = 8         # simdgroups per threadgroup
 BLOCK = 256            # tokens per threadgroup in the two-pass variant
 SINGLE_PASS_MAX = 512  # longer caches use two passes
+KERNELS = ("sdpa_quantized", "sdpa_quantized_pass1", "sdpa_quantized_pass2")
 
 
 @dataclass(frozen=True)
@@ -94,28 +95,36 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, stats=Fals
     score_shape = (B, Hq, L, T) if stats else (1,)
     two_pass = (T > SINGLE_PASS_MAX) if passes is None else passes == 2
     if not two_pass:
-        fn = _metal.kernel("sdpa_quantized", names, ["out", "scores", "lse"], header="kv_attention.h")
-        out, scores, lse = fn(
+        outs = _metal.launch(
+            "sdpa_quantized", names, ["out", "scores", "lse"], header="kv_attention.h",
             inputs=inputs + [mx.array([nq, alloc, nf, L, H, Hq], mx.int32)], template=template,
             grid=(32, SIMDGROUPS, rows), threadgroup=(32, SIMDGROUPS, 1),
             output_shapes=[(B, Hq, L, DV), score_shape, (B, Hq, L) if stats else (1,)],
             output_dtypes=[dt, mx.float32, mx.float32])
+        if outs is None:
+            return None
+        out, scores, lse = outs
     else:
         nb = -(-T // BLOCK)
-        fn1 = _metal.kernel("sdpa_quantized_pass1", names, ["po", "pm", "pl", "scores"],
-                            header="kv_attention.h")
-        po, pm, pl, scores = fn1(
+        outs = _metal.launch(
+            "sdpa_quantized_pass1", names, ["po", "pm", "pl", "scores"], header="kv_attention.h",
             inputs=inputs + [mx.array([nq, alloc, nf, L, H, Hq, nb, BLOCK], mx.int32)],
             template=template, grid=(32, SIMDGROUPS, rows * nb), threadgroup=(32, SIMDGROUPS, 1),
             output_shapes=[(rows, nb, DV), (rows, nb), (rows, nb), score_shape],
             output_dtypes=[mx.float32] * 4)
-        fn2 = _metal.kernel("sdpa_quantized_pass2", ["po", "pm", "pl", "dims"], ["out", "lse"])
-        out, lse = fn2(
+        if outs is None:
+            return None
+        po, pm, pl, scores = outs
+        outs = _metal.launch(
+            "sdpa_quantized_pass2", ["po", "pm", "pl", "dims"], ["out", "lse"],
             inputs=[po, pm, pl, mx.array([nb], mx.int32)],
             template=[("T", dt), ("DV", DV), ("STATS", bool(stats))],
             grid=(32, 1, rows), threadgroup=(32, 1, 1),
             output_shapes=[(B, Hq, L, DV), (B, Hq, L) if stats else (1,)],
             output_dtypes=[dt, mx.float32])
+        if outs is None:
+            return None
+        out, lse = outs
     return (out, scores, lse) if stats else out
 
 
@@ -143,7 +152,8 @@ def sdpa_quantized_reference(q, *, scale, ring, float_keys, float_values, stats=
 def fused_available(ring: QuantizedKV | None, q, float_keys, float_values) -> bool:
     """Whether ``sdpa_quantized`` would run the Metal kernel for these arrays (callers
     with a faster non-Metal path of their own use it to choose)."""
-    return _metal.use_metal(_dims_ok(ring, q, float_keys, float_values))
+    return _metal.use_metal(_dims_ok(ring, q, float_keys, float_values)) and not any(
+        _metal.failed(name) for name in KERNELS)
 
 
 def sdpa_quantized(q: mx.array, *, scale: float, ring: QuantizedKV | None, float_keys: mx.array,
@@ -153,8 +163,10 @@ def sdpa_quantized(q: mx.array, *, scale: float, ring: QuantizedKV | None, float
 
     With ``stats`` also returns the scaled scores (B, Hq, L, NQ + NF) (-inf where a row
     cannot see a token) and each row's log-sum-exp (B, Hq, L), for ``attention_mass``."""
-    if _metal.use_metal(_dims_ok(ring, q, float_keys, float_values)):
-        return sdpa_quantized_metal(q, scale=scale, ring=ring, float_keys=float_keys,
-                                    float_values=float_values, stats=stats)
+    if fused_available(ring, q, float_keys, float_values):
+        out = sdpa_quantized_metal(q, scale=scale, ring=ring, float_keys=float_keys,
+                                   float_values=float_values, stats=stats)
+        if out is not None:
+            return out
     return sdpa_quantized_reference(q, scale=scale, ring=ring, float_keys=float_keys,
                                     float_values=float_values, stats=stats)
