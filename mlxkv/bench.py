@@ -64,6 +64,9 @@ def cache_factories(model, window: int = 512) -> dict[str, Callable[[], list]]:
         **{f"mlxkv budget 16MB 4-bit {policy}": lambda policy=policy: make_cache(model, CacheConfig(
             budget="16MB", key_bits=4, value_bits=4, group_size=group, residual=64, policy=policy))
            for policy in ("knorm", "snapkv", "h2o", "tova")},
+        "mlxkv budget 16MB 4-bit snapkv adaptive": lambda: make_cache(model, CacheConfig(
+            budget="16MB", key_bits=4, value_bits=4, group_size=group, residual=64,
+            policy="snapkv", allocator="adaptive")),
     }
 
 

@@ -68,7 +68,8 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
                    help="what a budget or window cache evicts: window (sinks + most recent, "
                         "the default), knorm, snapkv, h2o, tova")
     g.add_argument("--kv-allocator", default=None, metavar="NAME",
-                   help="how a budget is split over layers: uniform (default) or pyramid")
+                   help="how a budget is split: uniform (default), pyramid (more for lower "
+                        "layers) or adaptive (kv heads of a layer share slots by score)")
     g.add_argument("--max-kv-size", type=int, default=None,
                    help="mlx-lm's name for a window: at most this many tokens, 4 of them sinks")
 

@@ -33,6 +33,10 @@ def test_invariants_every_policy_and_allocator(policy, allocator):
     budget = 160_000
     config = CacheConfig(budget=budget, key_bits=4, value_bits=4, group_size=32,
                          policy=policy, allocator=allocator)
+    if allocator == "adaptive" and policy == "window":  # nothing to share slots by
+        with pytest.raises(InputError, match="adaptive allocator .* scoring policy"):
+            make_cache(model, config)
+        return
     cache = make_cache(model, config)
     assert sum(c.budget for c in cache) == budget
     if allocator == "pyramid":
@@ -44,7 +48,15 @@ def test_invariants_every_policy_and_allocator(policy, allocator):
             assert s.kept + s.evicted == s.seen and c.n_sinks == 4
     assert all(s.evicted > 0 for s in stats.layers)
     for c in cache:
-        if policy != "window":
+        if allocator == "adaptive":  # one pool: heads' shares vary, each in position order
+            counts = c.head_counts()
+            assert sum(counts) == c.ring_len == len(counts) * c.capacity
+            assert min(counts) >= int(c.floor * c.capacity)
+            heads, pos = c.slot_head[0, 0], c.slot_pos[0, 0]
+            assert (heads[1:] >= heads[:-1]).all().item() and (pos >= 4).all().item()
+            same = heads[1:] == heads[:-1]
+            assert mx.all(mx.where(same, pos[1:] > pos[:-1], True)).item()
+        elif policy != "window":
             pos = c.slot_pos[0]
             assert (pos >= 4).all().item()  # sinks live apart and are never in the ring
             assert (pos[:, 1:] > pos[:, :-1]).all().item()  # each head in position order
@@ -151,3 +163,48 @@ def test_scored_cache_save_load_round_trip(policy, tmp_path):
     x = mx.array([[5, 6]])
     assert mx.array_equal(model(x, cache=cache), model(x, cache=loaded)).item()
     assert mx.array_equal(cache[0].slot_score, loaded[0].slot_score).item()
+
+
+def test_adaptive_allocation_follows_the_scores_and_attention_is_per_head():
+    """Knorm scores head 0's keys (small norms) far above head 1's: head 1 keeps only its
+    guaranteed floor and head 0 takes the rest of the layer's slots; attention over the
+    shared pool equals per-head attention over what each head kept."""
+    from mlxkv.cache.adaptive import AdaptiveScoredCache
+
+    B, H, rep, D, T = 1, 2, 3, 32, 300
+    c = AdaptiveScoredCache(policy=KnormPolicy(), recent=8, window=64, sinks=4, floor=0.25)
+    mx.random.seed(0)
+    scale = mx.array([0.3, 3.0]).reshape(1, H, 1, 1)
+    keys, values = mx.random.normal((B, H, T, D)) * scale, mx.random.normal((B, H, T, D))
+    for t in range(T):
+        c.update_and_fetch(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+    floor = int(0.25 * c.capacity)
+    assert c.head_counts() == [H * c.capacity - floor, floor]
+    stats = c.layer_stats()
+    assert stats.kept == 4 + c.capacity + c.res_len and stats.kept + stats.evicted == T
+    q = mx.random.normal((B, H * rep, 1, D))
+    out = c.attend(q, scale=D**-0.5)
+    heads, pos = c.slot_head[0, 0].tolist(), c.slot_pos[0, 0].tolist()
+    for h in range(H):
+        held = mx.array(list(range(4)) + [p for p, g in zip(pos, heads) if g == h]
+                        + list(range(T - c.res_len, T)))
+        k, v = keys[0, h][held], values[0, h][held]
+        want = mx.softmax(q[0, h * rep : (h + 1) * rep, 0] @ k.T * D**-0.5, axis=-1) @ v
+        assert mx.allclose(out[0, h * rep : (h + 1) * rep, 0], want, atol=1e-5).item()
+
+
+def test_adaptive_cache_save_load_round_trip(tmp_path):
+    from mlxkv.persist import load_cache, save_cache
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    model.mlxkv_identity = {"name": "tiny"}
+    config = CacheConfig(budget=60_000, key_bits=8, value_bits=8, group_size=32,
+                         policy="snapkv", allocator="adaptive")
+    cache = make_cache(model, config)
+    for _ in _feed(model, cache, 300, 50):
+        pass
+    save_cache(tmp_path / "c.safetensors", cache, model=model, config=config, tokens=list(range(300)))
+    loaded, _, _, _ = load_cache(tmp_path / "c.safetensors", model)
+    assert loaded[0].head_counts() == cache[0].head_counts()
+    x = mx.array([[5, 6]])
+    assert mx.array_equal(model(x, cache=cache), model(x, cache=loaded)).item()

@@ -78,7 +78,8 @@ class CompressedCache:
         return self.sink_k is None
 
     def size(self) -> int:
-        return self.n_sinks + self.ring_len + self.res_len
+        """Tokens held per kv head."""
+        return self.n_sinks + self._ring_tokens() + self.res_len
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
         # ``attend`` builds its own mask from token positions.
@@ -109,16 +110,21 @@ class CompressedCache:
         arrays += list(self.ring_k or ()) + list(self.ring_v or ())
         return sum(a.nbytes for a in arrays if a is not None)
 
+    def _ring_tokens(self) -> int:
+        """Tokens each kv head holds in the ring."""
+        return self.ring_len
+
     def layer_stats(self) -> LayerStats:
         held_full = self.n_sinks + self.res_len
         ring_bits = self.kc.bits or self.vc.bits
-        kept = held_full + self.ring_len
+        ring = self._ring_tokens()
+        kept = held_full + ring
         head = 0 if self.sink_k is None else self.sink_k.shape[0] * self.sink_k.shape[1] * (
             self.sink_k.shape[3] + self.sink_v.shape[3])
         return LayerStats(
             seen=self.offset,
-            kept_full=held_full + (0 if ring_bits else self.ring_len),
-            kept_quantized={ring_bits: self.ring_len} if ring_bits and self.ring_len else {},
+            kept_full=held_full + (0 if ring_bits else ring),
+            kept_quantized={ring_bits: ring} if ring_bits and ring else {},
             evicted=self.offset - kept,
             nbytes=self.nbytes,
             fp16_nbytes=2 * head * kept,
@@ -349,6 +355,11 @@ class CompressedCache:
         self._observe_mass(mass, (0, 1, 1))
         return out
 
+    def _ring_head_mask(self) -> mx.array | None:
+        """(H, ring_len) bool: which ring slots each kv head may attend to, for caches
+        whose heads share one pool of slots (None: each head has its own ring)."""
+        return None
+
     def _observed_rows(self, queries: tuple[int, int, int]) -> tuple[int, int] | None:
         """Which rows of queries ``first .. first + n`` of a chunk of L (``queries`` =
         (first, n, L)) this cache learns from, as a (start, stop) range, or None. The
@@ -374,6 +385,13 @@ class CompressedCache:
         """q (B, H, M, D), M = rep * n rows; visible (n, T) or None."""
         parts = [kc.scores(q, ks) for kc, ks, _, _, _ in segs]
         scores = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+        heads = self._ring_head_mask()
+        if heads is not None:
+            H, T = heads.shape[0], scores.shape[-1]
+            rest = T - self.n_sinks - heads.shape[1]
+            mask = mx.concatenate([mx.ones((H, self.n_sinks), mx.bool_), heads,
+                                   mx.ones((H, rest), mx.bool_)], axis=1)
+            scores = mx.where(mask[None, :, None, :], scores, mx.finfo(scores.dtype).min)
         if visible is not None:
             B, H, M, T = scores.shape
             n = visible.shape[0]

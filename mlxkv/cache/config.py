@@ -13,6 +13,7 @@ from ..policies import known_policies, make_policy
 from .codec import BITS, GROUP_SIZES
 from .full import FullCache
 from .quantized import QuantizedCache
+from .adaptive import AdaptiveScoredCache
 from .scored import ScoredCache
 from .window import WindowCache
 
@@ -37,8 +38,10 @@ class CacheConfig:
       evicts the oldest beyond that. ``window`` is then derived from the budget;
     - ``policy``: what a window or budgeted cache evicts (see ``mlxkv.policies``):
       ``window`` keeps the most recent tokens, the others the top-scoring ones;
-    - ``allocator``: how a budget is split over layers: ``uniform`` or ``pyramid``
-      (PyramidKV: lower layers get more, linearly from 1.5x to 0.5x of the mean).
+    - ``allocator``: how a budget is split: ``uniform``, ``pyramid`` (PyramidKV: lower
+      layers get more, linearly from 1.5x to 0.5x of the mean) or ``adaptive`` (AdaKV:
+      even over layers, and within a layer the kv heads share one pool of slots, filled
+      by the policy's scores across heads; needs a scoring policy and batch size 1).
     """
 
     key_bits: int | None = None
@@ -113,6 +116,9 @@ class CacheConfig:
                                 "grouped per token (key_mode 'token')")
         if self.allocator not in ALLOCATORS:
             problems.append(f"unknown allocator {self.allocator!r} (known: {', '.join(ALLOCATORS)})")
+        elif self.allocator == "adaptive" and self.policy == "window":
+            problems.append("the adaptive allocator shares slots between heads by their scores: "
+                            "choose a scoring policy (e.g. policy 'snapkv')")
         if self.budget is not None:
             parse_bytes(self.budget)
             if self.window is not None:
@@ -163,6 +169,8 @@ class CacheConfig:
                         value_bits=self.value_bits, group_size=self.group_size,
                         key_mode=self.key_mode, residual=self.residual, rotate=self.rotate,
                         seed=self.seed + layer)
+            if self.policy != "window" and self.allocator == "adaptive":
+                return AdaptiveScoredCache(policy=make_policy(self.policy), **args)
             if self.policy != "window":
                 return ScoredCache(policy=make_policy(self.policy), **args)
             return WindowCache(**args)
@@ -196,7 +204,7 @@ def make_cache(model, config: CacheConfig | None = None) -> list:
     return caches
 
 
-ALLOCATORS = ("uniform", "pyramid")
+ALLOCATORS = ("uniform", "pyramid", "adaptive")
 
 
 def allocate(total: int, n_layers: int, allocator: str = "uniform") -> list[int]:
@@ -233,6 +241,8 @@ def budget_window(model, config: CacheConfig, per_layer: int, n_layers: int) -> 
                   + token_bytes(probe.vc, head_dim, kv_heads, dtype_size))
     if config.policy != "window":
         ring_token += kv_heads * 8  # float32 score + int32 position per slot and head
+    if config.allocator == "adaptive":
+        ring_token += kv_heads * 4  # int32 head id per slot of the shared pool
     ring = int((per_layer - fixed) // ring_token) // probe.unit * probe.unit
     if ring < probe.unit:
         need = fixed + probe.unit * ring_token

@@ -55,7 +55,7 @@ class ScoredCache(WindowCache):
     def _observe_mass(self, mass, queries):
         at = self.n_sinks
         if self.ring_len:
-            ring = mass[..., at : at + self.ring_len]
+            ring = self._ring_mass(mass[..., at : at + self.ring_len])
             self.slot_score = self.policy.observe(self.slot_score, ring)
             at += self.ring_len
         tail = mass[..., at:]
@@ -63,6 +63,10 @@ class ScoredCache(WindowCache):
         tail = tail[..., max(0, self.sinks - p0) :]  # drop columns of future sinks
         old = self._tail(tail.shape[-1])
         self._tail_mass = self.policy.observe(old, tail)
+
+    def _ring_mass(self, mass: mx.array) -> mx.array:
+        """The mass of the ring slots, shaped like ``slot_score``."""
+        return mass
 
     def _tail(self, length: int) -> mx.array:
         """The accumulated tail statistics, padded with zeros to ``length`` tokens."""

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import faulthandler
 import hashlib
 import mmap
 import os
@@ -413,6 +414,7 @@ class Simulator:
         if pid == 0:  # the worker: run the kernel, report, exit without cleanup
             code = 3
             try:
+                faulthandler.disable()  # a crash is reported by the parent, not dumped here
                 signal.signal(signal.SIGALRM, signal.SIG_DFL)
                 signal.setitimer(signal.ITIMER_REAL, self.timeout)
                 so = ctypes.CDLL(str(lib))
