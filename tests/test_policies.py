@@ -119,7 +119,8 @@ def test_avg_pool_and_allocator():
     (dict(policy="nope", window=64), "unknown policy 'nope' \\(known: window, knorm, snapkv"),
     (dict(policy="h2o"), "evicts from a window or budget cache"),
     (dict(policy="h2o", window=64, key_bits=4, key_mode="channel"), "keys must be grouped per token"),
-    (dict(allocator="flat", budget="1MB"), "unknown allocator 'flat'"),
+    (dict(allocator="flat", budget="1MB"), "unknown allocator 'flat' \\(known: uniform, pyramid, adaptive"),
+    (dict(allocator="adaptive", budget="1MB"), "adaptive allocator .* choose a scoring policy"),
 ])
 def test_bad_policy_settings(changes, needle):
     with pytest.raises(InputError, match=needle):
