@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..kernels import QuantizedKV, attention_mass, sdpa_quantized
+from ..kernels import QuantizedKV, attention_mass, metal_enabled, sdpa_quantized
 from ..kernels.sdpa_quantized import fused_available
 from ..stats import LayerStats
 from .codec import AffineCodec, FloatCodec
@@ -296,7 +296,7 @@ class CompressedCache:
         H = self.sink_k.shape[1]
         rep = Hq // H
         q = self._rot(queries) if self.rotate else queries
-        if L == 1:
+        if L == 1 and metal_enabled():
             ring = self._quantized_ring()
             if ring is not None:
                 fk, fv = self._float_part()

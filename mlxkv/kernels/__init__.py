@@ -6,8 +6,17 @@ Metal device is present and the shape is supported, the reference otherwise.
 (Metal whenever the shape is supported, e.g. under the CPU simulator in tests).
 """
 
+from ._metal import use_metal
 from .attention_stats import attention_mass
 from .quantize_rows import quantize_rows
 from .sdpa_quantized import QuantizedKV, sdpa_quantized
 
-__all__ = ["QuantizedKV", "attention_mass", "quantize_rows", "sdpa_quantized"]
+
+
+def metal_enabled() -> bool:
+    """Whether the dispatchers would use Metal for a supported shape (a quick check
+    before building a kernel's arguments)."""
+    return use_metal(True)
+
+
+__all__ = ["QuantizedKV", "attention_mass", "metal_enabled", "quantize_rows", "sdpa_quantized"]
