@@ -23,6 +23,7 @@ def test_wheel_layout_and_fresh_venv_import(tmp_path):
     assert not any(n.startswith("app/") for n in names)
     shipped_metal = {n.split("/")[-1] for n in names if n.endswith(".metal")}
     assert shipped_metal == {p.name for p in (ROOT / "metal_kernels").glob("*.metal")}
+    assert {"mlxkv_metal/kv_attention.h", "mlxkv/metalsim/shim.h"} <= set(names)
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
