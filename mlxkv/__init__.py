@@ -1,7 +1,9 @@
 """mlxkv: an MLX-native LLM runtime whose heart is the KV cache."""
 
-from . import _blas  # noqa: F401  (must precede the first import of mlx)
-from .cache.config import CacheConfig, make_cache
+from . import _blas
+
+_blas.preload_openblas()  # before the first import of mlx (if the start-up hook did not)
+from .cache.config import CacheConfig, make_cache  # noqa: E402
 from .chat import ChatSession
 from .errors import MlxkvError
 from .generation import GenerationEvent, Sampling, generate, stream_generate
@@ -13,3 +15,8 @@ __all__ = [
     "Sampling", "cache_stats", "generate", "load", "make_cache", "stream_generate",
 ]
 __version__ = "0.1.0"
+
+if _blas.slow_blas_reason():  # one warning, at the import of mlxkv
+    import warnings
+
+    warnings.warn(_blas.slow_blas_reason(), RuntimeWarning, stacklevel=2)

@@ -24,6 +24,7 @@ def test_wheel_layout_and_fresh_venv_import(tmp_path):
     shipped_metal = {n.split("/")[-1] for n in names if n.endswith(".metal")}
     assert shipped_metal == {p.name for p in (ROOT / "metal_kernels").glob("*.metal")}
     assert {"mlxkv_metal/kv_attention.h", "mlxkv/metalsim/shim.h"} <= set(names)
+    assert "mlxkv-blas.pth" in names  # the start-up hook, at the top of site-packages
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -33,16 +34,21 @@ def test_wheel_layout_and_fresh_venv_import(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(site)  # what pip does for a pure-Python wheel
     deps = sysconfig.get_paths()["purelib"]  # mlx, mlx-lm, ... from the test environment
-    code = ("import mlxkv, mlxkv_app, mlxkv_metal, importlib.util, importlib.resources as r;"
+    code = ("import mlx.core, mlxkv, mlxkv_app, mlxkv_metal, importlib.util, importlib.resources as r;"
             "print(mlxkv.__file__);"
             "print(importlib.util.find_spec('app'));"
             "print(r.files('mlxkv').joinpath('models.toml').read_text()[:2000].count('[models.'));"
             "import mlxkv_app.app as a, pathlib;"
-            "print((pathlib.Path(a.__file__).parent / a.ChatApp.CSS_PATH).is_file())")
+            "print((pathlib.Path(a.__file__).parent / a.ChatApp.CSS_PATH).is_file());"
+            "print(mlxkv._blas.mlx_uses_openblas())")
     res = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": deps, "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
-    location, app_spec, n_models, css = res.stdout.strip().splitlines()
+    location, app_spec, n_models, css, openblas = res.stdout.strip().splitlines()
+    if sys.platform.startswith("linux"):  # mlx imported first: the hook still loaded it
+        from mlxkv._blas import find_openblas
+
+        assert openblas == str(bool(find_openblas()))
     assert css == "True"
     assert location.startswith(site)
     assert app_spec == "None"
