@@ -245,7 +245,8 @@ class ChatApp(App):
             self.post_message(JobDone(None, error=f"cache unchanged: {e}"))
             return
         saved = self._autosave()
-        self.post_message(JobDone(f"Cache is now: {config.describe()}", error=saved))
+        self.post_message(JobDone(f"Cache is now: {self.session.cache_config.describe()}",
+                                  error=saved))
 
     @work(thread=True, group="model")
     def _save_job(self, name: str) -> None:

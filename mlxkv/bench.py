@@ -37,35 +37,37 @@ def cache_factories(model, window: int = 512) -> dict[str, Callable[[], list]]:
     """The named cache configs that bench and eval compare: mlx-lm's caches and mlxkv's."""
     from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
+    from .adapter import model_head_dim
+    from .cache.codec import default_group
     from .cache.config import CacheConfig, make_cache
 
     n = len(model.layers)
-    group = 32 if (model.args.hidden_size // model.args.num_attention_heads) % 64 else 64
+    group = default_group(model_head_dim(model))  # mlxkv's configs choose the same by themselves
     return {
         BASELINE: lambda: [KVCache() for _ in range(n)],
         "mlx-lm Quantized 8-bit": lambda: [QuantizedKVCache(group_size=group, bits=8) for _ in range(n)],
         "mlx-lm Quantized 4-bit": lambda: [QuantizedKVCache(group_size=group, bits=4) for _ in range(n)],
         f"mlx-lm Rotating {window}": lambda: [RotatingKVCache(max_size=window, keep=4) for _ in range(n)],
         "mlxkv full": lambda: make_cache(model, CacheConfig()),
-        "mlxkv 8-bit": lambda: make_cache(model, CacheConfig(key_bits=8, value_bits=8, group_size=group)),
-        "mlxkv 4-bit": lambda: make_cache(model, CacheConfig(key_bits=4, value_bits=4, group_size=group)),
+        "mlxkv 8-bit": lambda: make_cache(model, CacheConfig(key_bits=8, value_bits=8)),
+        "mlxkv 4-bit": lambda: make_cache(model, CacheConfig(key_bits=4, value_bits=4)),
         "mlxkv 4-bit rotated": lambda: make_cache(model, CacheConfig(
-            key_bits=4, value_bits=4, group_size=group, rotate=True)),
+            key_bits=4, value_bits=4, rotate=True)),
         "mlxkv 4-bit channel-K r128": lambda: make_cache(model, CacheConfig(
-            key_bits=4, value_bits=4, group_size=group, key_mode="channel", residual=128)),
+            key_bits=4, value_bits=4, key_mode="channel", residual=128)),
         "mlxkv 2-bit channel-K r128": lambda: make_cache(model, CacheConfig(
-            key_bits=2, value_bits=2, group_size=group, key_mode="channel", residual=128)),
+            key_bits=2, value_bits=2, key_mode="channel", residual=128)),
         f"mlxkv window {window}": lambda: make_cache(model, CacheConfig(window=window - 4, sinks=4)),
         f"mlxkv 4-bit window {window}": lambda: make_cache(model, CacheConfig(
-            window=window - 4, sinks=4, key_bits=4, value_bits=4, group_size=group)),
+            window=window - 4, sinks=4, key_bits=4, value_bits=4)),
         "mlxkv budget 16MB 4-bit": lambda: make_cache(model, CacheConfig(
-            budget="16MB", key_bits=4, value_bits=4, group_size=group, key_mode="channel",
+            budget="16MB", key_bits=4, value_bits=4, key_mode="channel",
             residual=64)),
         **{f"mlxkv budget 16MB 4-bit {policy}": lambda policy=policy: make_cache(model, CacheConfig(
-            budget="16MB", key_bits=4, value_bits=4, group_size=group, residual=64, policy=policy))
+            budget="16MB", key_bits=4, value_bits=4, residual=64, policy=policy))
            for policy in ("knorm", "snapkv", "h2o", "tova")},
         "mlxkv budget 16MB 4-bit snapkv adaptive": lambda: make_cache(model, CacheConfig(
-            budget="16MB", key_bits=4, value_bits=4, group_size=group, residual=64,
+            budget="16MB", key_bits=4, value_bits=4, residual=64,
             policy="snapkv", allocator="adaptive")),
     }
 
@@ -176,6 +178,7 @@ def markdown_table(rows: list[BenchRow]) -> str:
 
 
 def cmd_kernel_bench(args) -> int:
+    from .cache.codec import default_group
     from .kernel_bench import (KERNEL_HEADER, KERNEL_TOLERANCE, NEEDS_METAL, run_kernel_bench, simulated,
                                supported_on_this_machine)
 
@@ -190,6 +193,8 @@ def cmd_kernel_bench(args) -> int:
                          "positive counts (query:kv)")
     if args.kernel_bits not in (2, 3, 4, 8):
         raise InputError(f"--kernel-bits must be 2, 3, 4 or 8 (got {args.kernel_bits})")
+    if default_group(args.kernel_head_dim) is None:
+        raise InputError(f"--kernel-head-dim must be a multiple of 32 (got {args.kernel_head_dim})")
     if not (args.simulate or supported_on_this_machine()):
         raise InputError(NEEDS_METAL)
     context = simulated() if args.simulate else contextlib.nullcontext()
@@ -200,7 +205,7 @@ def cmd_kernel_bench(args) -> int:
         print(KERNEL_HEADER)
         rows = run_kernel_bench(lengths=lengths, bits=args.kernel_bits, q_heads=heads[0],
                                 kv_heads=heads[1], head_dim=args.kernel_head_dim,
-                                group_size=64 if args.kernel_head_dim % 64 == 0 else 32,
+                                group_size=default_group(args.kernel_head_dim),
                                 repeats=args.kernel_repeats)
     if args.json:
         with open(args.json, "w") as f:

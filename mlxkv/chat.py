@@ -6,6 +6,7 @@ from typing import Callable, Iterator
 
 from mlx_lm.utils import common_prefix_len
 
+from .adapter import model_head_dim
 from .cache.config import CacheConfig, make_cache
 from .errors import InputError
 from .generation import (DEFAULT_PREFILL_STEP, GenerationEvent, encode_prompt, prefill,
@@ -24,7 +25,8 @@ class ChatSession:
                  system: str | None = None, **generation):
         self.model = model
         self.tokenizer = tokenizer
-        self.cache_config = cache_config or CacheConfig()
+        # resolved for this model (e.g. the group size), so describe() shows what is used
+        self.cache_config = (cache_config or CacheConfig()).resolve(model_head_dim(model))
         self.system = system
         self.generation = generation
         self.messages: list[dict[str, str]] = []
@@ -121,7 +123,8 @@ class ChatSession:
         """Switch to another cache config, rebuilding the cache from the conversation
         (``progress(done, total)`` is called during the prefill). If the new config is
         invalid the session is left as it was."""
-        cache = make_cache(self.model, config)  # raises before anything changes
+        config = config.resolve(model_head_dim(self.model))  # raises before anything changes
+        cache = make_cache(self.model, config)
         tokens = self._render(self.messages, generation_prompt=False) if self.messages else []
         self.cache_config, self.cache, self.cached_tokens = config, cache, []
         if not tokens:

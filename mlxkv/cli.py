@@ -122,6 +122,7 @@ def sampling_from_args(args):
 def load_for_args(args, quiet: bool = False, defaults: dict | None = None):
     """(model, tokenizer, resolved, cache config) for the command's flags (over
     ``defaults``, over the registry's defaults for the model)."""
+    from .adapter import model_head_dim
     from .models.loader import load_resolved
     from .models.registry import load_registry
     from .models.sources import resolve
@@ -131,7 +132,7 @@ def load_for_args(args, quiet: bool = False, defaults: dict | None = None):
     model_defaults = registry.entries[resolved.alias].cache if resolved.alias in registry.entries else {}
     config = cache_config_from_args(args, {**model_defaults, **(defaults or {})})
     model, tokenizer = load_resolved(resolved)
-    return model, tokenizer, resolved, config
+    return model, tokenizer, resolved, config.resolve(model_head_dim(model))
 
 
 def cmd_generate(args) -> int:
@@ -171,7 +172,7 @@ def cmd_generate(args) -> int:
               f"(finish: {last.finish_reason})", file=sys.stderr)
         budget = f" of a {format_bytes(st.budget)} budget" if st.budget else ""
         print(f"KV cache: {format_bytes(st.nbytes)}{budget} for {st.seen} tokens "
-              f"({st.kept} kept, {st.compression:.2f}x vs fp16)", file=sys.stderr)
+              f"({st.kept} kept, {st.compression:.2f}x vs {st.dtype})", file=sys.stderr)
     return 0
 
 

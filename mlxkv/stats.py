@@ -11,8 +11,17 @@ class LayerStats:
     kept_full: int       # tokens kept at full precision
     kept_quantized: dict[int, int]  # bits -> tokens kept at that precision
     evicted: int         # tokens no longer in the cache
-    nbytes: int          # bytes of the cache's arrays
+    nbytes: int          # bytes of the cache's arrays (allocated, incl. room to grow)
     fp16_nbytes: int     # bytes an fp16 cache of the kept tokens would take
+    used_nbytes: int = -1   # bytes the kept tokens take in their storage (-1: = nbytes)
+    dense_nbytes: int = -1  # bytes they would take uncompressed, in `dtype` (-1: = used)
+    dtype: str = "float16"  # the cache's full-precision dtype
+
+    def __post_init__(self):
+        if self.used_nbytes < 0:
+            object.__setattr__(self, "used_nbytes", self.nbytes)
+        if self.dense_nbytes < 0:
+            object.__setattr__(self, "dense_nbytes", self.used_nbytes)
 
     @property
     def kept(self) -> int:
@@ -45,10 +54,25 @@ class CacheStats:
         return sum(s.fp16_nbytes for s in self.layers)
 
     @property
+    def used_nbytes(self) -> int:
+        """Bytes the kept tokens take (``nbytes`` less the room allocated ahead)."""
+        return sum(s.used_nbytes for s in self.layers)
+
+    @property
+    def dense_nbytes(self) -> int:
+        return sum(s.dense_nbytes for s in self.layers)
+
+    @property
+    def dtype(self) -> str:
+        return self.layers[0].dtype if self.layers else "float16"
+
+    @property
     def compression(self) -> float:
-        """fp16 bytes of the tokens seen, over the bytes used (1.0 for an empty cache)."""
-        full = sum(s.fp16_nbytes * s.seen // max(s.kept, 1) for s in self.layers)
-        return full / self.nbytes if self.nbytes else 1.0
+        """How many times smaller the kept tokens are than uncompressed in the cache's
+        full-precision ``dtype`` (1.0 for an empty or uncompressed cache). Eviction is
+        not in it: see ``seen``, ``kept`` and ``evicted``."""
+        used = self.used_nbytes
+        return self.dense_nbytes / used if used else 1.0
 
 
 def _layer_stats(c) -> LayerStats:

@@ -133,6 +133,27 @@ async def test_reply_streams_and_gauge_tells_the_truth(smollm, store):
     assert saved["messages"] == app.session.messages
 
 
+async def test_panel_ratio_and_settings_read_as_a_user_means(smollm, store):
+    """Early in a chat the ratio compares the kept tokens with their uncompressed size (not
+    the preallocated ring), and the settings keep each phrase on one line at 150 columns;
+    the group size chosen for the model is shown."""
+    config = CacheConfig(budget="16MB", key_bits=8, value_bits=8, residual=32)
+    app = make_app(smollm, store, config=config, max_tokens=8)
+    async with app.run_test(size=(150, 40)) as pilot:
+        await type_and_send(pilot, "Hi!")
+        await wait_idle(pilot)
+        text = screen_text(app)
+        stats = app.query_one(CachePanel).stats
+        assert stats.used_nbytes < stats.nbytes  # the ring is allocated ahead of use
+        assert stats.compression >= 1.0
+        ratio = next(line for line in text.splitlines() if "ratio" in line)
+        assert f"{stats.compression:.2f}x vs float32 for the kept tokens" in ratio
+        description = app.session.cache_config.describe()
+        assert "group 64" in description
+        for phrase in description.split(", "):
+            assert any(phrase in line for line in text.splitlines()), phrase
+
+
 async def test_escape_stops_the_reply_and_keeps_it(smollm, store):
     app = make_app(smollm, store, max_tokens=400)
     async with app.run_test(size=SIZE) as pilot:

@@ -256,3 +256,35 @@ def test_query_blocks_bound_the_score_matrix_without_changing_results():
         cache.update_and_fetch(k[:, :, 255:], v[:, :, 255:])
         outs.append(cache.attend(q, scale=0.125))
     assert mx.allclose(outs[0], outs[1], atol=1e-5).item()
+
+
+@pytest.mark.parametrize("head_dim,group", [(32, 32), (64, 64), (96, 32), (128, 64)])
+def test_default_group_size_fits_the_head_dim(head_dim, group):
+    """No group size given: 64 where it divides the head dim, else the largest that does."""
+    model = tiny_model("llama", head_dim=head_dim)
+    config = CacheConfig(key_bits=4, value_bits=4)
+    cache = make_cache(model, config)
+    assert cache[0].kc.group == cache[0].vc.group == group
+    assert f"group {group}" in config.resolve(head_dim).describe()
+    assert "group auto" in config.describe()
+    logits = model(mx.array([[1, 2, 3, 4, 5]]), cache=cache)
+    assert mx.isfinite(logits).all().item()
+
+
+def test_head_dim_without_a_supported_group_is_a_clear_error():
+    model = tiny_model("llama", head_dim=80)
+    with pytest.raises(InputError, match="no supported group size .* divides the head dim 80"):
+        make_cache(model, CacheConfig(key_bits=4, value_bits=4))
+    make_cache(model, CacheConfig(window=64))  # full precision still works
+    with pytest.raises(InputError, match="group_size 64 does not divide the head dim 96"):
+        make_cache(tiny_model("llama", head_dim=96), CacheConfig(key_bits=4, group_size=64))
+
+
+def test_bench_configs_use_the_models_own_head_dim():
+    """Qwen3 declares head_dim (128) apart from hidden_size // heads (here 32)."""
+    from mlxkv.bench import cache_factories
+
+    model = tiny_model("qwen3", head_dim=128)
+    factories = cache_factories(model)
+    assert factories["mlx-lm Quantized 4-bit"]()[0].group_size == 64
+    assert factories["mlxkv 4-bit"]()[0].kc.group == 64

@@ -58,6 +58,7 @@ def test_chat_repl_reuses_history(smollm):
             stdin="What is the capital of France?\nRepeat the city name.\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Paris") >= 2
+    assert "group 64" in r.stdout.splitlines()[0]  # the group chosen for the model is shown
 
 
 def test_bench_writes_rows_with_ratios(smollm, tmp_path):

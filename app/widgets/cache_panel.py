@@ -51,8 +51,10 @@ class CachePanel(Vertical):
         self.stats: CacheStats | None = None
 
     def show_settings(self, model_name: str, cache_description: str) -> None:
+        # one phrase of the description per line, so none is broken by wrapping
+        phrases = "\n         ".join(cache_description.split(", "))
         self.query_one("#settings", Static).update(
-            Content(f"model    {model_name}\ncache    {cache_description}"))
+            Content(f"model    {model_name}\ncache    {phrases}"))
 
     def show(self, stats: CacheStats, *, prefill_tps: float = 0.0, decode_tps: float = 0.0,
              record: bool = True) -> None:
@@ -75,7 +77,9 @@ class CachePanel(Vertical):
         self.query_one("#figures", Static).update(Content(
             f"tokens   {stats.seen} seen · {stats.kept} kept · {evicted} evicted\n"
             f"kept     {' · '.join(kept)}\n"
-            f"ratio    {stats.compression:.2f}x vs fp16 (allocated bytes)\n"
+            f"ratio    {stats.compression:.2f}x vs {stats.dtype} for the kept tokens\n"
+            f"memory   {format_bytes(stats.used_nbytes)} in use · "
+            f"{format_bytes(stats.nbytes)} allocated\n"
             f"tok/s    prefill {prefill_tps:.1f} · decode {decode_tps:.1f}"))
         lines = [Content.assemble(f"L{i:02} ", layer_bar(s.seen, s.kept_full,
                                                          sum(s.kept_quantized.values())),

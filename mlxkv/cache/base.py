@@ -119,8 +119,14 @@ class CompressedCache:
         ring_bits = self.kc.bits or self.vc.bits
         ring = self._ring_tokens()
         kept = held_full + ring
-        head = 0 if self.sink_k is None else self.sink_k.shape[0] * self.sink_k.shape[1] * (
-            self.sink_k.shape[3] + self.sink_v.shape[3])
+        if self.sink_k is None:
+            return LayerStats(seen=self.offset, kept_full=0, kept_quantized={},
+                              evicted=self.offset, nbytes=0, fp16_nbytes=0)
+        head = self.sink_k.shape[0] * self.sink_k.shape[1] * (self.sink_k.shape[3] + self.sink_v.shape[3])
+        dtype = self.sink_k.dtype
+        full_bytes = sum(a.nbytes for a in (self.sink_k, self.sink_v, self.res_k, self.res_v))
+        # the ring's arrays (and per-slot metadata) in use, in proportion to its filled slots
+        ring_used = (self.nbytes - full_bytes) * self.ring_len // max(self._alloc, 1)
         return LayerStats(
             seen=self.offset,
             kept_full=held_full + (0 if ring_bits else ring),
@@ -128,6 +134,9 @@ class CompressedCache:
             evicted=self.offset - kept,
             nbytes=self.nbytes,
             fp16_nbytes=2 * head * kept,
+            used_nbytes=head * dtype.size * held_full + ring_used,
+            dense_nbytes=head * dtype.size * kept,
+            dtype=str(dtype).split(".")[-1],
         )
 
     # ----- writing ----------------------------------------------------------------

@@ -23,6 +23,15 @@ from ..kernels import quantize_rows
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP = 64
+
+
+def default_group(head_dim: int) -> int | None:
+    """The group size used when none is given: the largest supported group up to
+    ``DEFAULT_GROUP`` that divides the head dim (64 for 64/128/256, 32 for 32/96/160),
+    None when none does (e.g. 80)."""
+    return next((g for g in sorted(GROUP_SIZES, reverse=True)
+                 if g <= DEFAULT_GROUP and head_dim % g == 0), None)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from ..budget import format_bytes, parse_bytes, token_bytes
 from ..errors import InputError
 from ..policies import known_policies, make_policy
-from .codec import BITS, GROUP_SIZES
+from .codec import BITS, GROUP_SIZES, default_group
 from .full import FullCache
 from .quantized import QuantizedCache
 from .adaptive import AdaptiveScoredCache
@@ -27,7 +27,8 @@ class CacheConfig:
 
     - no bits, no window: ``FullCache`` (mlx-lm's KVCache);
     - ``key_bits``/``value_bits``: ``QuantizedCache`` (2, 3, 4 or 8 bits each; one of them
-      may stay None = full precision), ``group_size`` 32/64/128, ``key_mode`` "token" or
+      may stay None = full precision), ``group_size`` 32/64/128 (None: 64, or the
+      largest that divides the model's head dim, see ``resolve``), ``key_mode`` "token" or
       "channel" (KIVI), ``residual`` recent tokens at full precision, ``rotate`` keys with
       a randomized Hadamard transform, ``start``: tokens seen before quantizing begins;
     - ``window``: ``WindowCache`` of ``sinks`` + ``window`` recent tokens, quantized when
@@ -46,7 +47,7 @@ class CacheConfig:
 
     key_bits: int | None = None
     value_bits: int | None = None
-    group_size: int = 64
+    group_size: int | None = None
     key_mode: str = "token"
     residual: int = 0
     rotate: bool = False
@@ -74,10 +75,15 @@ class CacheConfig:
             b = getattr(self, name)
             if b is not None and b not in BITS:
                 problems.append(f"{name} must be one of {BITS} (got {b})")
-        if self.group_size not in GROUP_SIZES:
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
             problems.append(f"group_size must be one of {GROUP_SIZES} (got {self.group_size})")
-        elif head_dim is not None and self.quantized and head_dim % self.group_size:
-            problems.append(f"group_size {self.group_size} does not divide the head dim {head_dim}")
+        elif head_dim is not None and self.quantized:
+            if self.group_size is None and default_group(head_dim) is None:
+                problems.append(f"no supported group size {GROUP_SIZES} divides the head dim "
+                                f"{head_dim}: this model's KV cannot be quantized (leave bits off)")
+            elif self.group_size is not None and head_dim % self.group_size:
+                problems.append(f"group_size {self.group_size} does not divide the head dim "
+                                f"{head_dim} (leave it unset to pick one that does)")
         if self.key_mode not in KEY_MODES:
             problems.append(f"key_mode must be one of {KEY_MODES} (got {self.key_mode!r})")
         if self.key_mode == "channel" and self.key_bits is None:
@@ -129,6 +135,14 @@ class CacheConfig:
             raise InputError("invalid cache settings: " + "; ".join(problems))
         return self
 
+    def resolve(self, head_dim: int) -> "CacheConfig":
+        """This config checked against a model's head dim, with the group size chosen when
+        none was given (``default_group``)."""
+        self.check(head_dim)
+        if self.group_size is None and self.quantized:
+            return self.replace(group_size=default_group(head_dim))
+        return self
+
     def replace(self, **changes) -> "CacheConfig":
         known = {f.name for f in fields(self)}
         unknown = set(changes) - known
@@ -147,7 +161,7 @@ class CacheConfig:
         if self.quantized:
             kb = f"{self.key_bits}-bit" if self.key_bits else "fp"
             vb = f"{self.value_bits}-bit" if self.value_bits else "fp"
-            parts.append(f"K {kb} ({self.key_mode}) V {vb}, group {self.group_size}")
+            parts.append(f"K {kb} ({self.key_mode}) V {vb}, group {self.group_size or 'auto'}")
             if self.residual:
                 parts.append(f"residual {self.residual}")
             if self.rotate:
@@ -188,7 +202,7 @@ def make_cache(model, config: CacheConfig | None = None) -> list:
     Layers with a cache of their own kind (sliding-window, state-space) keep it."""
     from ..adapter import model_head_dim, route_attention
 
-    config = (config or CacheConfig()).check(model_head_dim(model))
+    config = (config or CacheConfig()).resolve(model_head_dim(model))
     if config.kind != "full":
         route_attention(model)
     caches = make_prompt_cache(model)

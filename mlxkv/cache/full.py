@@ -29,5 +29,8 @@ class FullCache(KVCache):
     def layer_stats(self) -> LayerStats:
         per_token = 0 if self.keys is None else 2 * self.keys.shape[0] * self.keys.shape[1] * (
             self.keys.shape[3] + self.values.shape[3])
+        dense = 0 if self.keys is None else per_token * self.keys.dtype.size // 2 * self.offset
         return LayerStats(seen=self.offset, kept_full=self.offset, kept_quantized={}, evicted=0,
-                          nbytes=self.nbytes, fp16_nbytes=per_token * self.offset)
+                          nbytes=self.nbytes, fp16_nbytes=per_token * self.offset,
+                          used_nbytes=dense, dense_nbytes=dense,
+                          dtype=str(self.keys.dtype).split(".")[-1] if self.keys is not None else "float16")
