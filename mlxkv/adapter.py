@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import sys
 
+import mlx.core as mx
+
 from .cache.base import CompressedCache
+from .errors import InputError
 
 _NAME = "scaled_dot_product_attention"
 
@@ -20,8 +23,9 @@ _NAME = "scaled_dot_product_attention"
 def _router(original):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None, **kw):
         if isinstance(cache, CompressedCache):
-            if sinks is not None:
-                raise ValueError("mlxkv compressed caches do not support learned attention sinks")
+            if sinks is not None:  # make_cache refuses such models; this guards hand-made caches
+                raise InputError("mlxkv's compressed caches do not support learned attention "
+                                 "sinks: use the full cache for this model")
             return cache.attend(queries, scale=scale, mask=mask)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask,
                         sinks=sinks, **kw)
@@ -42,6 +46,12 @@ def route_attention(model) -> list[str]:
             setattr(module, _NAME, _router(fn))
         routed.append(name)
     return routed
+
+
+def learned_sinks(model) -> bool:
+    """Whether the model's attention adds learned sink logits (e.g. gpt-oss): mlx-lm
+    passes them to ``scaled_dot_product_attention`` from an attention module's ``sinks``."""
+    return any(isinstance(getattr(m, "sinks", None), mx.array) for _, m in model.named_modules())
 
 
 def model_head_dim(model) -> int:

@@ -19,3 +19,7 @@ class InputError(MlxkvError):
 
 class CacheFileError(MlxkvError):
     """A saved cache that cannot be loaded into this model or configuration."""
+
+
+class ConfigFileError(MlxkvError):
+    """A configuration file (``models.toml``, an eval config) that cannot be read."""

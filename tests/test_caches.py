@@ -288,3 +288,21 @@ def test_bench_configs_use_the_models_own_head_dim():
     factories = cache_factories(model)
     assert factories["mlx-lm Quantized 4-bit"]()[0].group_size == 64
     assert factories["mlxkv 4-bit"]()[0].kc.group == 64
+
+
+def test_learned_attention_sinks_are_refused_with_a_way_out():
+    """gpt-oss adds learned sink logits to its attention: compressed caches refuse it up
+    front, naming what to use instead; the full cache stays on mlx-lm's path."""
+    model = tiny_model("gpt_oss", num_local_experts=2, num_experts_per_tok=1, sliding_window=16,
+                       layer_types=["sliding_attention", "full_attention"], intermediate_size=64,
+                       swiglu_limit=7.0)
+    with pytest.raises(InputError, match="gpt_oss models have learned attention sinks.*full cache"):
+        make_cache(model, CacheConfig(key_bits=4, value_bits=4))
+    cache = make_cache(model, CacheConfig())
+    assert mx.isfinite(model(mx.array([[1, 2, 3]]), cache=cache)).all().item()
+
+
+def test_bad_kernel_mode_is_reported_when_the_cache_is_made(monkeypatch):
+    monkeypatch.setenv("MLXKV_KERNELS", "fast")
+    with pytest.raises(InputError, match="MLXKV_KERNELS='fast' is not a kernel mode.*auto, metal, reference"):
+        make_cache(tiny_model("llama"), CacheConfig(key_bits=4, value_bits=4))

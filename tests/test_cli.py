@@ -41,6 +41,17 @@ def test_bad_input_is_one_line_and_exit_2(args, needle, smollm):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_bad_kernel_mode_is_one_line(smollm):
+    import os
+
+    r = subprocess.run([sys.executable, "-m", "mlxkv.cli", "generate", "hi", "--kv-bits", "4"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "MLXKV_KERNELS": "gpu"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("mlxkv: error: MLXKV_KERNELS='gpu' is not a kernel mode: set it "
+                                "to one of auto, metal, reference, or unset it")
+
+
 def test_debug_shows_traceback():
     r = run("--debug", "generate", "hi", "--model", "no-such-model")
     assert r.returncode != 0 and "Traceback" in r.stderr
@@ -58,7 +69,7 @@ def test_chat_repl_reuses_history(smollm):
             stdin="What is the capital of France?\nRepeat the city name.\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Paris") >= 2
-    assert "group 64" in r.stdout.splitlines()[0]  # the group chosen for the model is shown
+    assert "group 32" in r.stdout.splitlines()[0]  # the model's default (models.toml) is shown
 
 
 def test_bench_writes_rows_with_ratios(smollm, tmp_path):

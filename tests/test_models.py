@@ -8,7 +8,7 @@ import pytest
 from mlx_lm.models import llama
 
 import mlxkv
-from mlxkv.errors import ModelFileError, ModelNotFoundError
+from mlxkv.errors import ConfigFileError, MlxkvError, ModelFileError, ModelNotFoundError
 from mlxkv.models.gguf import _mlx_name, load_gguf
 from mlxkv.models.registry import load_registry, parse_registry
 from mlxkv.models.sources import resolve
@@ -34,9 +34,9 @@ def test_unknown_alias_lists_known():
 
 
 def test_bad_registry_entries():
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ConfigFileError, match="kind"):
         parse_registry('default = "a"\n[models.a]\nsources = [{kind = "ftp"}]\n')
-    with pytest.raises(ValueError, match="sha256"):
+    with pytest.raises(ConfigFileError, match="sha256"):
         parse_registry('default = "a"\n[models.a]\nsources = [{kind = "pypi-wheel", requirement = "x", member = "y"}]\n')
 
 
@@ -153,3 +153,20 @@ def test_default_model_resolves_to_pinned_gguf(smollm):
     model, _ = smollm
     assert len(model.layers) == 30 and model.args.num_key_value_heads == 3
     assert os.path.getsize(resolved.path) > 50_000_000
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("default = \"a\"\n[models.a\nsources = []", "is not valid TOML"),
+    ("default = \"a\"\nmodels = 3", "must be a \\[models"),
+    ("default = \"a\"\n[models.a]\nsources = \"hub\"", "'sources' must be a list of tables"),
+    ("default = \"a\"\n[models.a]\nsources = [\"hub\"]", "'sources' must be a list of tables"),
+    ("default = \"a\"\n[models.a]\ncache = 4\n[[models.a.sources]]\nkind = \"hub\"\nrepo = \"x/y\"",
+     "'cache' a table"),
+    ("default = \"b\"\n[[models.a.sources]]\nkind = \"hub\"\nrepo = \"x/y\"", "default alias 'b'"),
+])
+def test_broken_registry_is_one_clear_error(text, needle, tmp_path):
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigFileError, match=needle) as e:
+        load_registry(path)
+    assert isinstance(e.value, MlxkvError) and str(path) in str(e.value)

@@ -213,3 +213,14 @@ def test_adaptive_cache_save_load_round_trip(tmp_path):
     assert loaded[0].head_counts() == cache[0].head_counts()
     x = mx.array([[5, 6]])
     assert mx.array_equal(model(x, cache=cache), model(x, cache=loaded)).item()
+
+
+def test_adaptive_allocator_with_a_batch_is_refused_up_front():
+    model = tiny_model("llama")
+    config = CacheConfig(budget=160_000, key_bits=4, value_bits=4, policy="snapkv",
+                         allocator="adaptive")
+    with pytest.raises(InputError, match="batch size 1, got 2.*'uniform' or 'pyramid'"):
+        make_cache(model, config, batch_size=2)
+    cache = make_cache(model, config)  # made for one sequence, then fed two
+    with pytest.raises(InputError, match="batch size 1, got 2"):
+        model(mx.zeros((2, 3), mx.int32), cache=cache)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..errors import InputError
 from .scored import ScoredCache
 
 _BOOST = 1e30  # lifts a head's guaranteed picks above every score
@@ -32,6 +33,12 @@ class AdaptiveScoredCache(ScoredCache):
     @property
     def nbytes(self) -> int:
         return super().nbytes + (0 if self.slot_head is None else self.slot_head.nbytes)
+
+    def _allocate(self, keys, values):
+        if keys.shape[0] != 1:  # make_cache checks this up front; hand-made caches here
+            raise InputError(f"the adaptive allocator keeps one sequence (batch size 1, got "
+                             f"{keys.shape[0]})")
+        super()._allocate(keys, values)
 
     def _ring_tokens(self) -> int:
         return self.ring_len // self.heads if self.heads else 0  # per head, on average
@@ -65,8 +72,6 @@ class AdaptiveScoredCache(ScoredCache):
 
     def _write_ring(self, k, v):
         B, H, n, _ = k.shape
-        if B != 1:
-            raise ValueError("adaptive allocation supports batch size 1")
         self.heads = H
         pos = self.sinks + self.flushed + mx.arange(n)
         tail = self._tail(max(n, 0 if self._tail_mass is None else self._tail_mass.shape[-1]))

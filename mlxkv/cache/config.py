@@ -9,6 +9,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from ..budget import format_bytes, parse_bytes, token_bytes
 from ..errors import InputError
+from ..kernels import kernel_mode
 from ..policies import known_policies, make_policy
 from .codec import BITS, GROUP_SIZES, default_group
 from .full import FullCache
@@ -196,14 +197,23 @@ class CacheConfig:
         return FullCache()
 
 
-def make_cache(model, config: CacheConfig | None = None) -> list:
+def make_cache(model, config: CacheConfig | None = None, *, batch_size: int = 1) -> list:
     """Per-layer caches for ``model``: the model's own cache layout (from mlx-lm), with
     every plain full-attention ``KVCache`` replaced by the cache ``config`` asks for.
-    Layers with a cache of their own kind (sliding-window, state-space) keep it."""
-    from ..adapter import model_head_dim, route_attention
+    Layers with a cache of their own kind (sliding-window, state-space) keep it.
+    ``batch_size``: the sequences fed at once (the adaptive allocator takes one)."""
+    from ..adapter import learned_sinks, model_head_dim, route_attention
 
     config = (config or CacheConfig()).resolve(model_head_dim(model))
+    if config.allocator == "adaptive" and batch_size != 1:
+        raise InputError(f"the adaptive allocator keeps one sequence (batch size 1, got "
+                         f"{batch_size}): use allocator 'uniform' or 'pyramid' for batches")
+    kernel_mode()  # a bad MLXKV_KERNELS is reported now, not at the first decode step
     if config.kind != "full":
+        if learned_sinks(model):
+            raise InputError(f"{type(model).__module__.split('.')[-1]} models have learned "
+                             "attention sinks, which mlxkv's compressed caches do not support: "
+                             "use the full cache (no --kv-bits, --kv-window or --kv-budget)")
         route_attention(model)
     caches = make_prompt_cache(model)
     ours = [i for i, c in enumerate(caches) if type(c) is KVCache]

@@ -6,7 +6,7 @@ Metal device is present and the shape is supported, the reference otherwise.
 (Metal whenever the shape is supported, e.g. under the CPU simulator in tests).
 """
 
-from ._metal import use_metal
+from ._metal import mode as kernel_mode, use_metal
 from .attention_stats import attention_mass
 from .quantize_rows import quantize_rows
 from .sdpa_quantized import QuantizedKV, sdpa_quantized
@@ -19,4 +19,4 @@ def metal_enabled() -> bool:
     return use_metal(True)
 
 
-__all__ = ["QuantizedKV", "attention_mass", "metal_enabled", "quantize_rows", "sdpa_quantized"]
+__all__ = ["QuantizedKV", "attention_mass", "kernel_mode", "metal_enabled", "quantize_rows", "sdpa_quantized"]

@@ -9,13 +9,16 @@ from importlib import resources
 
 import mlx.core as mx
 
+from ..errors import InputError
+
 MODES = ("auto", "metal", "reference")
 
 
 def mode() -> str:
     value = os.environ.get("MLXKV_KERNELS", "auto").lower()
     if value not in MODES:
-        raise ValueError(f"MLXKV_KERNELS={value!r}: expected one of {', '.join(MODES)}")
+        raise InputError(f"MLXKV_KERNELS={value!r} is not a kernel mode: set it to one of "
+                         f"{', '.join(MODES)}, or unset it")
     return value
 
 

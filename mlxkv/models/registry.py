@@ -13,7 +13,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-from ..errors import ModelNotFoundError
+from ..errors import ConfigFileError, ModelNotFoundError
 
 SOURCE_KINDS = ("path", "hub", "pypi-wheel")
 FORMATS = ("mlx", "gguf")
@@ -65,24 +65,35 @@ def _parse_source(alias: str, raw: dict[str, Any]) -> Source:
     kind = raw.pop("kind", None)
     fmt = raw.pop("format", "mlx")
     if kind not in SOURCE_KINDS:
-        raise ValueError(f"models.toml: {alias}: source kind {kind!r} is not one of {SOURCE_KINDS}")
+        raise ConfigFileError(f"models.toml: {alias}: source kind {kind!r} is not one of {SOURCE_KINDS}")
     if fmt not in FORMATS:
-        raise ValueError(f"models.toml: {alias}: format {fmt!r} is not one of {FORMATS}")
+        raise ConfigFileError(f"models.toml: {alias}: format {fmt!r} is not one of {FORMATS}")
     needed = {"path": ["path"], "hub": ["repo"],
               "pypi-wheel": ["requirement", "member", "sha256"]}[kind]
     missing = [k for k in needed if k not in raw]
     if missing:
-        raise ValueError(f"models.toml: {alias}: {kind} source lacks {', '.join(missing)}")
+        raise ConfigFileError(f"models.toml: {alias}: {kind} source lacks {', '.join(missing)}")
     return Source(kind=kind, format=fmt, options=raw)
 
 
-def parse_registry(text: str) -> Registry:
-    data = tomllib.loads(text)
+def parse_registry(text: str, where: str = "models.toml") -> Registry:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigFileError(f"{where} is not valid TOML: {e}") from None
+    models = data.get("models", {})
+    if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
+        raise ConfigFileError(f"{where}: each model must be a [models.\"ALIAS\"] table")
     entries = {}
-    for alias, raw in data.get("models", {}).items():
-        sources = tuple(_parse_source(alias, s) for s in raw.get("sources", []))
+    for alias, raw in models.items():
+        sources = raw.get("sources", [])
+        if (not isinstance(sources, list) or not all(isinstance(x, dict) for x in sources)
+                or not isinstance(raw.get("cache", {}), dict)):
+            raise ConfigFileError(f"{where}: {alias}: 'sources' must be a list of tables "
+                                  "([[models.ALIAS.sources]]) and 'cache' a table")
+        sources = tuple(_parse_source(alias, s) for s in sources)
         if not sources:
-            raise ValueError(f"models.toml: {alias} has no sources")
+            raise ConfigFileError(f"{where}: {alias} has no sources")
         entries[alias] = ModelEntry(
             alias=alias,
             description=raw.get("description", ""),
@@ -92,7 +103,7 @@ def parse_registry(text: str) -> Registry:
         )
     default = data.get("default")
     if default not in entries:
-        raise ValueError(f"models.toml: default alias {default!r} has no entry")
+        raise ConfigFileError(f"{where}: default alias {default!r} has no entry")
     return Registry(default=default, entries=entries)
 
 
@@ -101,5 +112,8 @@ def load_registry(path: str | Path | None = None) -> Registry:
     if path is None:
         text = resources.files("mlxkv").joinpath("models.toml").read_text(encoding="utf-8")
     else:
-        text = Path(path).read_text(encoding="utf-8")
-    return parse_registry(text)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigFileError(f"cannot read the model registry {path}: {e}") from None
+    return parse_registry(text, str(path or "models.toml"))
