@@ -4,6 +4,14 @@ import mlx.core as mx
 import pytest
 
 
+def pytest_collection_modifyitems(items):
+    """Tests on the real default model get the ``model`` mark (``-m "not model"``: the
+    fast tests, on tiny random-weight models and kernels)."""
+    for item in items:
+        if "smollm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.model)
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """The real default model (fetched once into the user cache dir)."""

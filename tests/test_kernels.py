@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import mlxkv
+from mlxkv.errors import InputError
 from mlxkv.kernels import QuantizedKV, _metal
 
 # the kernel modules (their packages export the dispatchers under the same names)
@@ -148,7 +149,7 @@ def test_dispatch_uses_reference_without_metal(monkeypatch):
     monkeypatch.setenv("MLXKV_KERNELS", "reference")
     assert not _metal.use_metal(True)
     monkeypatch.setenv("MLXKV_KERNELS", "gpu")
-    with pytest.raises(ValueError, match="MLXKV_KERNELS"):
+    with pytest.raises(InputError, match="MLXKV_KERNELS"):
         _metal.use_metal(True)
 
 
