@@ -10,6 +10,7 @@ import mlxkv
 from mlxkv.budget import parse_bytes
 from mlxkv.cache.config import CacheConfig, make_cache
 from mlxkv.errors import CacheFileError, InputError
+from mlxkv.generation import prefill
 from mlxkv.persist import load_cache, save_cache
 
 
@@ -206,3 +207,22 @@ def test_reconfigure_rebuilds_from_the_conversation(smollm):
     with pytest.raises(mlxkv.MlxkvError, match="too small"):
         chat.reconfigure(CacheConfig(budget="1KB"))
     assert chat.cache_config.key_bits == 8 and len(chat.messages) == 4
+
+
+def test_scoring_policies_cost_about_what_the_window_costs_in_prefill(smollm):
+    """A budget bounds the process, not only the cache: prefill with attention statistics
+    keeps no layer's score matrix past its layer (peak within 10% of the window policy)."""
+    model, _ = smollm
+    tokens = mx.random.randint(0, model.args.vocab_size, (1024,), key=mx.random.key(0))
+
+    def peak(policy, allocator="uniform"):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        cache = make_cache(model, CacheConfig(budget="16MB", key_bits=4, value_bits=4, residual=64,
+                                              policy=policy, allocator=allocator))
+        prefill(model, tokens, cache, prefill_step=512)
+        return mx.get_peak_memory()
+
+    window = peak("window")
+    for policy, allocator in [("h2o", "uniform"), ("snapkv", "uniform"), ("snapkv", "adaptive")]:
+        assert peak(policy, allocator) <= 1.10 * window, (policy, allocator)
