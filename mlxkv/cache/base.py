@@ -39,6 +39,16 @@ def hadamard_signs(dim: int, seed: int) -> mx.array:
     return mx.where(mx.random.bernoulli(0.5, (dim,), key=key), 1.0, -1.0)
 
 
+def flush_unit(key_codec, value_codec, residual: int) -> int:
+    """Tokens moved from the residual into the ring at a time: a codec's block (a group of
+    tokens for per-channel keys), or a group when there is a residual to flush."""
+    unit = max(key_codec.block, value_codec.block)
+    if unit == 1 and residual > 0:
+        # Flush the residual a group at a time, not a token at a time.
+        unit = max(c.group for c in (key_codec, value_codec) if c.bits is not None)
+    return unit
+
+
 class CompressedCache:
     """Sinks + ring + residual; see the module docstring. Subclasses choose the layout."""
 
@@ -48,13 +58,10 @@ class CompressedCache:
 
     def __init__(self, *, key_codec, value_codec, sinks: int = 0, residual: int = 0,
                  capacity: int | None = None, start: int = 0, rotate: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, budget: int | None = None):
         self.kc, self.vc = key_codec, value_codec
-        unit = max(key_codec.block, value_codec.block)
-        if unit == 1 and residual > 0:
-            # Flush the residual a group at a time, not a token at a time.
-            unit = max(c.group for c in (key_codec, value_codec) if c.bits is not None)
-        self.unit = unit
+        self.unit = flush_unit(key_codec, value_codec, residual)
+        self.budget = budget  # bytes this layer may take (None: not budgeted)
         self.sinks = sinks
         self.residual = residual
         self.capacity = capacity

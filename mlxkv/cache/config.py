@@ -11,6 +11,7 @@ from ..budget import format_bytes, parse_bytes, token_bytes
 from ..errors import InputError
 from ..kernels import kernel_mode
 from ..policies import known_policies, make_policy
+from .base import flush_unit, make_codec
 from .codec import BITS, GROUP_SIZES, default_group
 from .full import FullCache
 from .quantized import QuantizedCache
@@ -56,9 +57,13 @@ class CacheConfig:
     sinks: int = 4
     start: int = 0
     seed: int = 0
-    budget: int | str | None = None
+    budget: int | None = None
     policy: str = "window"
     allocator: str = "uniform"
+
+    def __post_init__(self):
+        if self.budget is not None:  # parsed once, here: a size such as "64MB" -> bytes
+            object.__setattr__(self, "budget", parse_bytes(self.budget))
 
     @property
     def quantized(self) -> bool:
@@ -127,7 +132,6 @@ class CacheConfig:
             problems.append("the adaptive allocator shares slots between heads by their scores: "
                             "choose a scoring policy (e.g. policy 'snapkv')")
         if self.budget is not None:
-            parse_bytes(self.budget)
             if self.window is not None:
                 problems.append("give a budget or a window, not both (the budget sets the window)")
             if self.start:
@@ -170,20 +174,21 @@ class CacheConfig:
         if self.window is not None:
             parts.append(f"window {self.window} + {self.sinks} sinks")
         if self.budget is not None:
-            parts.append(f"budget {format_bytes(parse_bytes(self.budget))}")
+            parts.append(f"budget {format_bytes(self.budget)}")
             if self.allocator != "uniform":
                 parts.append(f"{self.allocator} allocation")
         if self.policy != "window":
             parts.append(f"policy {self.policy}")
         return ", ".join(parts)
 
-    def layer_cache(self, layer: int, window: int | None = None):
+    def layer_cache(self, layer: int, window: int | None = None, budget: int | None = None):
+        """The cache of one layer; a budgeted layer gets the window its ``budget`` holds."""
         window = window or self.window
         if window is not None:
             args = dict(window=window, sinks=self.sinks, key_bits=self.key_bits,
                         value_bits=self.value_bits, group_size=self.group_size,
                         key_mode=self.key_mode, residual=self.residual, rotate=self.rotate,
-                        seed=self.seed + layer)
+                        seed=self.seed + layer, budget=budget)
             if self.policy != "window" and self.allocator == "adaptive":
                 return AdaptiveScoredCache(policy=make_policy(self.policy), **args)
             if self.policy != "window":
@@ -219,12 +224,10 @@ def make_cache(model, config: CacheConfig | None = None, *, batch_size: int = 1)
     ours = [i for i, c in enumerate(caches) if type(c) is KVCache]
     budgets = [None] * len(ours)
     if config.budget is not None:
-        budgets = allocate(parse_bytes(config.budget), len(ours), config.allocator)
+        budgets = allocate(config.budget, len(ours), config.allocator)
     for n, i in enumerate(ours):
         window = None if budgets[n] is None else budget_window(model, config, budgets[n], len(ours))
-        caches[i] = config.layer_cache(i, window)
-        if budgets[n] is not None:
-            caches[i].budget = budgets[n]
+        caches[i] = config.layer_cache(i, window, budgets[n])
     return caches
 
 
@@ -255,26 +258,25 @@ def budget_window(model, config: CacheConfig, per_layer: int, n_layers: int) -> 
     kv_heads = model.args.num_key_value_heads or model.args.num_attention_heads
     dtype_size = next(v.dtype.size for _, v in tree_flatten(model.parameters())
                       if mx.issubdtype(v.dtype, mx.floating))
-    probe = WindowCache(window=max(config.residual, 1) + 1, sinks=config.sinks,
-                        key_bits=config.key_bits, value_bits=config.value_bits,
-                        group_size=config.group_size, key_mode=config.key_mode,
-                        residual=config.residual)
+    kc = make_codec(config.key_bits, config.group_size, config.key_mode)
+    vc = make_codec(config.value_bits, config.group_size, "token")
+    unit = flush_unit(kc, vc, config.residual)
     full = 2 * kv_heads * head_dim * dtype_size  # one token's K and V at full precision
-    fixed = (config.sinks + config.residual + probe.unit) * full
-    ring_token = (token_bytes(probe.kc, head_dim, kv_heads, dtype_size)
-                  + token_bytes(probe.vc, head_dim, kv_heads, dtype_size))
+    fixed = (config.sinks + config.residual + unit) * full
+    ring_token = (token_bytes(kc, head_dim, kv_heads, dtype_size)
+                  + token_bytes(vc, head_dim, kv_heads, dtype_size))
     if config.policy != "window":
         ring_token += kv_heads * 8  # float32 score + int32 position per slot and head
     if config.allocator == "adaptive":
         ring_token += kv_heads * 4  # int32 head id per slot of the shared pool
-    ring = int((per_layer - fixed) // ring_token) // probe.unit * probe.unit
-    if ring < probe.unit:
-        need = fixed + probe.unit * ring_token
-        total = parse_bytes(config.budget)
+    ring = int((per_layer - fixed) // ring_token) // unit * unit
+    if ring < unit:
+        need = fixed + unit * ring_token
+        total = config.budget
         raise InputError(
             f"a KV budget of {format_bytes(total)} is too small for this model and cache: "
             f"a layer's share ({format_bytes(per_layer)}) must be at least {format_bytes(need)} "
-            f"for {config.sinks} sinks, the residual and one block of {probe.unit} tokens "
+            f"for {config.sinks} sinks, the residual and one block of {unit} tokens "
             f"(about {format_bytes(need * total / per_layer)} in all)")
     return ring + config.residual
 

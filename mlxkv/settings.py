@@ -1,0 +1,99 @@
+"""User words -> ``CacheConfig``: the one translator behind the CLI's ``--kv-*`` flags, the
+chat app's slash commands and settings screen, and ``[configs."name"]`` tables of eval
+config files (and a server's per-request fields).
+
+Words are ``CacheConfig`` field names, with or without a ``kv_`` prefix, plus ``bits``
+(keys and values) and ``max_kv_size`` (mlx-lm's name: sinks + window). Values may be
+typed or text: "off"/"none" turn bits, a window or a budget off; sizes take units
+("64MB"). Changing one of budget/window drops the other; turning bits off drops what
+only applies to quantized caches (per-channel keys, residual, rotation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Mapping
+
+from .budget import parse_bytes
+from .cache.config import CacheConfig
+from .errors import InputError
+
+OFF = ("off", "none")
+NULLABLE = ("key_bits", "value_bits", "group_size", "window", "budget")
+COUNTS = ("key_bits", "value_bits", "group_size", "residual", "window", "sinks", "start",
+          "seed", "max_kv_size")
+TEXT = ("key_mode", "policy", "allocator")
+FIELDS = tuple(f.name for f in fields(CacheConfig))
+
+
+def _off(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in OFF)
+
+
+def _count(name: str, value: Any) -> int | None:
+    if _off(value):
+        if name in NULLABLE:
+            return None
+        raise InputError(f"{name} cannot be off (give a whole number)")
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InputError(f"{name} must be a whole number (got {value!r})")
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"{name} must be a whole number or 'off' (got {value!r})") from None
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", "none"):
+        return False
+    raise InputError(f"{name} must be on or off (got {value!r})")
+
+
+def _value(name: str, value: Any) -> Any:
+    if name in COUNTS:
+        return _count(name, value)
+    if name == "budget":
+        return None if _off(value) else parse_bytes(value)
+    if name == "rotate":
+        return _flag(name, value)
+    if name in TEXT:
+        return str(value).strip().lower()
+    raise InputError(f"unknown cache setting {name!r} (known: bits, max_kv_size, "
+                     f"{', '.join(FIELDS)})")
+
+
+def apply(config: CacheConfig, words: Mapping[str, Any]) -> CacheConfig:
+    """``config`` changed by ``words`` (name -> value); raises ``InputError`` naming the
+    word that cannot be read. The result is not yet checked against a model."""
+    changes: dict[str, Any] = {}
+    for raw, value in words.items():
+        name = raw.strip().lower().replace("-", "_")
+        name = name[3:] if name.startswith("kv_") else name
+        if name == "bits":
+            changes["key_bits"] = changes["value_bits"] = _value("key_bits", value)
+        else:
+            changes[name] = _value(name, value)
+    if "max_kv_size" in changes:
+        size = changes.pop("max_kv_size")
+        if "window" in changes and changes["window"] is not None:
+            raise InputError("give a window or max_kv_size, not both")
+        sinks = changes.get("sinks", config.sinks)
+        if size is not None and size <= sinks:
+            raise InputError(f"max_kv_size must be larger than the {sinks} sinks")
+        changes["window"] = None if size is None else size - sinks
+    if changes.get("budget") is not None and "window" not in changes:
+        changes["window"] = None
+    if changes.get("window") is not None and "budget" not in changes:
+        changes["budget"] = None
+    bits_off = ("key_bits" in changes or "value_bits" in changes) and all(
+        changes.get(b, getattr(config, b)) is None for b in ("key_bits", "value_bits"))
+    if bits_off:
+        changes.setdefault("key_mode", "token")
+        changes.setdefault("residual", 0)
+        changes.setdefault("rotate", False)
+    return config.replace(**changes)
