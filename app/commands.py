@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlxkv import CacheConfig
+from mlxkv import CacheConfig, settings
 from mlxkv.errors import InputError
 
 COMMANDS = {
@@ -19,7 +19,6 @@ COMMANDS = {
     "help": ("", "show keys and commands (F1)"),
 }
 CACHE_COMMANDS = ("budget", "bits", "window", "policy")
-OFF = ("off", "none", "0")
 
 
 @dataclass(frozen=True)
@@ -46,34 +45,9 @@ def parse(line: str) -> Command | None:
     return Command(name, arg)
 
 
-def _count(arg: str, what: str) -> int | None:
-    if arg.lower() in OFF:
-        return None
-    try:
-        return int(arg)
-    except ValueError:
-        raise InputError(f"{what} must be a whole number or 'off' (got {arg!r})") from None
-
-
 def cache_change(config: CacheConfig, command: Command) -> CacheConfig:
-    """The cache config after a cache command (checked against the model when applied)."""
-    arg = command.arg
-    if command.name == "budget":
-        if arg.lower() in OFF:
-            return config.replace(budget=None)
-        from mlxkv.budget import parse_bytes
-
-        parse_bytes(arg)
-        return config.replace(budget=arg, window=None)
-    if command.name == "bits":
-        bits = _count(arg, "bits")
-        return config.replace(key_bits=bits, value_bits=bits,
-                              key_mode=config.key_mode if bits else "token",
-                              residual=config.residual if bits else 0,
-                              rotate=config.rotate if bits else False)
-    if command.name == "window":
-        window = _count(arg, "the window")
-        return config.replace(window=window, budget=None if window else config.budget)
-    if command.name == "policy":
-        return config.replace(policy=arg.lower())
-    raise ValueError(f"/{command.name} is not a cache command")
+    """The cache config after a cache command (checked against the model when applied):
+    the command's name is the setting, read by ``mlxkv.settings`` like a CLI flag."""
+    if command.name not in CACHE_COMMANDS:
+        raise ValueError(f"/{command.name} is not a cache command")
+    return settings.apply(config, {command.name: command.arg})

@@ -4,6 +4,7 @@ from . import _blas
 
 _blas.preload_openblas()  # before the first import of mlx (if the start-up hook did not)
 from .cache.config import CacheConfig, make_cache  # noqa: E402
+from .cache.route import route, unroute  # noqa: E402
 from .chat import ChatSession
 from .errors import MlxkvError
 from .generation import GenerationEvent, Sampling, generate, stream_generate
@@ -12,7 +13,8 @@ from .stats import CacheStats, LayerStats, cache_stats
 
 __all__ = [
     "CacheConfig", "CacheStats", "ChatSession", "GenerationEvent", "LayerStats", "MlxkvError",
-    "Sampling", "cache_stats", "generate", "load", "make_cache", "stream_generate",
+    "Sampling", "cache_stats", "generate", "load", "make_cache", "route", "stream_generate",
+    "unroute",
 ]
 __version__ = "0.1.0"
 

@@ -37,7 +37,7 @@ def cache_factories(model, window: int = 512) -> dict[str, Callable[[], list]]:
     """The named cache configs that bench and eval compare: mlx-lm's caches and mlxkv's."""
     from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
-    from .adapter import model_head_dim
+    from .cache.route import model_head_dim
     from .cache.codec import default_group
     from .cache.config import CacheConfig, make_cache
 

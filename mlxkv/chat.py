@@ -6,7 +6,7 @@ from typing import Callable, Iterator
 
 from mlx_lm.utils import common_prefix_len
 
-from .adapter import model_head_dim
+from .cache.route import model_head_dim
 from .cache.config import CacheConfig, make_cache
 from .errors import InputError
 from .generation import (DEFAULT_PREFILL_STEP, GenerationEvent, encode_prompt, prefill,

@@ -122,7 +122,7 @@ def sampling_from_args(args):
 def load_for_args(args, quiet: bool = False, defaults: dict | None = None):
     """(model, tokenizer, resolved, cache config) for the command's flags (over
     ``defaults``, over the registry's defaults for the model)."""
-    from .adapter import model_head_dim
+    from .cache.route import model_head_dim
     from .models.loader import load_resolved
     from .models.registry import load_registry
     from .models.sources import resolve

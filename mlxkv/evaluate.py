@@ -47,7 +47,7 @@ def perplexity(total_nll: float, count: int) -> float:
 # -- configs -------------------------------------------------------------------------------
 def kv_elements(model, cache) -> int:
     """Elements an fp cache of the tokens ``cache`` holds would have (K and V)."""
-    from .adapter import model_head_dim
+    from .cache.route import model_head_dim
 
     heads = model.args.num_key_value_heads or model.args.num_attention_heads
     # mlx-lm's QuantizedKVCache does not report a size: it holds every token seen.

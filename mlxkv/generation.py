@@ -1,4 +1,11 @@
-"""One streaming decode loop: chunked prefill, mlx-lm sampling, stop rules, live figures."""
+"""One streaming decode loop: chunked prefill, mlx-lm sampling, stop rules, live figures.
+
+The loop is mlx-lm's ``generate_step`` with the model's per-layer caches. How a compressed
+cache gets the attention call: the model's attention modules call mlx-lm's
+``scaled_dot_product_attention``, which ``mlxkv.route(model)`` (done by ``mlxkv.load``)
+points at ``mlxkv/cache/route.py``: a cache that owns its attention computes it there
+(``cache.attend``), any other cache stays on mlx-lm's path.
+"""
 
 from __future__ import annotations
 

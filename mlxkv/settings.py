@@ -90,10 +90,10 @@ def apply(config: CacheConfig, words: Mapping[str, Any]) -> CacheConfig:
         changes["window"] = None
     if changes.get("window") is not None and "budget" not in changes:
         changes["budget"] = None
-    bits_off = ("key_bits" in changes or "value_bits" in changes) and all(
-        changes.get(b, getattr(config, b)) is None for b in ("key_bits", "value_bits"))
-    if bits_off:
+    if "key_bits" in changes and changes["key_bits"] is None:  # what only quantized keys have
         changes.setdefault("key_mode", "token")
-        changes.setdefault("residual", 0)
         changes.setdefault("rotate", False)
+    if ("key_bits" in changes or "value_bits" in changes) and all(
+            changes.get(b, getattr(config, b)) is None for b in ("key_bits", "value_bits")):
+        changes.setdefault("residual", 0)
     return config.replace(**changes)

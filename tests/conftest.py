@@ -41,6 +41,7 @@ def tiny_model(model_type: str, **overrides):
     model = module.Model(args)
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
+    mlxkv.route(model)
     return model
 
 

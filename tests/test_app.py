@@ -73,7 +73,7 @@ def test_commands_parse_and_change_the_config():
     with pytest.raises(InputError, match="takes no argument"):
         parse("/clear now")
     c = cache_change(BUDGET, Command("budget", "32MB"))
-    assert c.budget == "32MB" and c.key_bits == 8
+    assert c.budget == 32_000_000 and c.key_bits == 8
     assert cache_change(c, Command("budget", "off")).budget is None
     with pytest.raises(InputError, match="cannot read '32 parsecs'"):
         cache_change(c, Command("budget", "32 parsecs"))

@@ -211,7 +211,7 @@ def test_window_memory_constant_after_long_prompt(smollm, prompt):
 
 def test_routing_leaves_foreign_caches_on_mlx_lm_path(smollm, paris_prompt):
     model, _ = smollm
-    make_cache(model, CacheConfig(key_bits=4, value_bits=4, group_size=32))  # routes the module
+    assert mlxkv.route(model) == ["mlx_lm.models.llama"]  # mlxkv.load routed it already
     a = _logits(model, [KVCache() for _ in model.layers], paris_prompt, 8)
     b = _logits(model, make_cache(model), paris_prompt, 8)
     assert mx.array_equal(a, b).item()
@@ -306,3 +306,24 @@ def test_bad_kernel_mode_is_reported_when_the_cache_is_made(monkeypatch):
     monkeypatch.setenv("MLXKV_KERNELS", "fast")
     with pytest.raises(InputError, match="MLXKV_KERNELS='fast' is not a kernel mode.*auto, metal, reference"):
         make_cache(tiny_model("llama"), CacheConfig(key_bits=4, value_bits=4))
+
+
+def test_routing_is_explicit_and_reversible():
+    from mlx_lm.models import base, llama
+
+    from mlxkv.cache import route
+
+    model = tiny_model("llama")  # routed by the fixture, as mlxkv.load does
+    users = route._USERS["mlx_lm.models.llama"]
+    assert llama.scaled_dot_product_attention is not base.scaled_dot_product_attention
+    mlxkv.unroute(model)
+    assert route._USERS["mlx_lm.models.llama"] == users - 1
+    if users == 1:  # no other routed llama in this process: mlx-lm's function is back
+        assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention
+    with pytest.raises(InputError, match="not routed.*mlxkv.route\\(model\\)"):
+        make_cache(model, CacheConfig(key_bits=4, value_bits=4))
+    make_cache(model, CacheConfig())  # mlx-lm's path needs no routing
+    mlxkv.route(model)
+    assert route._USERS["mlx_lm.models.llama"] == users
+    assert llama.scaled_dot_product_attention is not base.scaled_dot_product_attention
+    assert isinstance(make_cache(model, CacheConfig(window=8))[0], CompressedCache)

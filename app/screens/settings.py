@@ -9,7 +9,7 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
 
-from mlxkv import CacheConfig
+from mlxkv import CacheConfig, settings
 from mlxkv.errors import InputError
 from mlxkv.policies import known_policies
 
@@ -46,28 +46,15 @@ class SettingsScreen(ModalScreen[CacheConfig | None]):
                 yield Button("Cancel", id="cancel")
 
     def read_form(self) -> CacheConfig:
-        budget = self.query_one("#budget", Input).value.strip() or None
-        window_text = self.query_one("#window", Input).value.strip()
-        try:
-            window = int(window_text) if window_text else None
-        except ValueError:
-            raise InputError(f"the window must be a whole number (got {window_text!r})") from None
-        if budget and window:
+        """The form's words, read by ``mlxkv.settings`` like the CLI's flags (empty: off)."""
+        words = {name: self.query_one(f"#{name}", Input).value.strip() or "off"
+                 for name in ("budget", "window")}
+        if words["budget"] != "off" and words["window"] != "off":
             raise InputError("give a budget or a window, not both")
-        key_bits = self.query_one("#key-bits", Select).value or None
-        value_bits = self.query_one("#value-bits", Select).value or None
-        changes = dict(budget=budget, window=window, key_bits=key_bits, value_bits=value_bits,
-                       policy=self.query_one("#policy", Select).value)
-        if key_bits is None:
-            changes.update(key_mode="token", rotate=False)
-        if key_bits is None and value_bits is None:
-            changes["residual"] = 0
-        config = self.config.replace(**changes)
-        if budget:
-            from mlxkv.budget import parse_bytes
-
-            parse_bytes(budget)
-        return config.check()
+        for name in ("key_bits", "value_bits"):
+            words[name] = self.query_one(f"#{name.replace('_', '-')}", Select).value or "off"
+        words["policy"] = self.query_one("#policy", Select).value
+        return settings.apply(self.config, words).check()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "cancel":

@@ -207,7 +207,7 @@ def make_cache(model, config: CacheConfig | None = None, *, batch_size: int = 1)
     every plain full-attention ``KVCache`` replaced by the cache ``config`` asks for.
     Layers with a cache of their own kind (sliding-window, state-space) keep it.
     ``batch_size``: the sequences fed at once (the adaptive allocator takes one)."""
-    from ..adapter import learned_sinks, model_head_dim, route_attention
+    from .route import is_routed, learned_sinks, model_head_dim
 
     config = (config or CacheConfig()).resolve(model_head_dim(model))
     if config.allocator == "adaptive" and batch_size != 1:
@@ -219,7 +219,9 @@ def make_cache(model, config: CacheConfig | None = None, *, batch_size: int = 1)
             raise InputError(f"{type(model).__module__.split('.')[-1]} models have learned "
                              "attention sinks, which mlxkv's compressed caches do not support: "
                              "use the full cache (no --kv-bits, --kv-window or --kv-budget)")
-        route_attention(model)
+        if not is_routed(model):
+            raise InputError("this model's attention is not routed to mlxkv's caches: call "
+                             "mlxkv.route(model) first (models from mlxkv.load are routed)")
     caches = make_prompt_cache(model)
     ours = [i for i, c in enumerate(caches) if type(c) is KVCache]
     budgets = [None] * len(ours)
@@ -252,7 +254,7 @@ def budget_window(model, config: CacheConfig, per_layer: int, n_layers: int) -> 
     slot's score and position)."""
     from mlx.utils import tree_flatten
 
-    from ..adapter import model_head_dim
+    from .route import model_head_dim
 
     head_dim = model_head_dim(model)
     kv_heads = model.args.num_key_value_heads or model.args.num_attention_heads

@@ -31,6 +31,8 @@ def load_resolved(resolved: ResolvedModel, *, dtype: mx.Dtype | None = None,
     """
     from mlx_lm.utils import dequantize_model
 
+    from ..cache.route import route
+
     dtype = dtype or compute_dtype()
     if resolved.format == "gguf":
         model, tokenizer = load_gguf(resolved.path, chat_template=resolved.chat_template)
@@ -41,6 +43,7 @@ def load_resolved(resolved: ResolvedModel, *, dtype: mx.Dtype | None = None,
     model.set_dtype(dtype, lambda d: mx.issubdtype(d, mx.floating))
     mx.eval(model.parameters())
     model.mlxkv_identity = identity(resolved, model)
+    route(model)  # attention calls reach mlxkv's caches (mlxkv/cache/route.py)
     return model, tokenizer
 
 
@@ -69,6 +72,7 @@ def load(name: str | None = None, *, dtype: mx.Dtype | None = None,
          dequantize: bool | None = None, network: bool = True):
     """Load a model by alias (see ``models.toml``), local path or hub repo.
 
-    Returns ``(model, tokenizer)``: an mlx-lm model and mlx-lm's ``TokenizerWrapper``.
+    Returns ``(model, tokenizer)``: an mlx-lm model, its attention routed to mlxkv's
+    caches (``mlxkv.route``), and mlx-lm's ``TokenizerWrapper``.
     """
     return load_resolved(resolve(name, network=network), dtype=dtype, dequantize=dequantize)
