@@ -9,8 +9,8 @@ from mlx_lm.utils import common_prefix_len
 from .cache.route import model_head_dim
 from .cache.config import CacheConfig, make_cache
 from .errors import InputError
-from .generation import (DEFAULT_PREFILL_STEP, GenerationEvent, encode_prompt, prefill,
-                         stream_generate)
+from .generation import (DEFAULT_PREFILL_STEP, GenerationEvent, chat_text, encode_prompt,
+                         prefill, stream_generate)
 
 
 class ChatSession:
@@ -42,11 +42,7 @@ class ChatSession:
 
     def _render_text(self, messages, generation_prompt: bool = True) -> str:
         full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        if not self.tokenizer.has_chat_template:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in full)
-            return text + ("assistant: " if generation_prompt else "")
-        return self.tokenizer.apply_chat_template(full, add_generation_prompt=generation_prompt,
-                                                  tokenize=False)
+        return chat_text(self.tokenizer, full, generation_prompt=generation_prompt)
 
     def _render(self, messages, generation_prompt: bool = True) -> list[int]:
         return encode_prompt(self.tokenizer, self._render_text(messages, generation_prompt))

@@ -91,6 +91,22 @@ def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
     return [int(t) for t in prompt]
 
 
+def chat_text(tokenizer, messages, *, generation_prompt: bool = True) -> str:
+    """``messages`` (role/content dicts) in the model's chat template, as text; a model
+    without a template gets plain "role: content" lines. The one place a conversation is
+    rendered (generate, chat sessions and passkey prompts all come here)."""
+    if not tokenizer.has_chat_template:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + ("assistant: " if generation_prompt else "")
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=generation_prompt,
+                                         tokenize=False)
+
+
+def chat_tokens(tokenizer, messages, *, generation_prompt: bool = True) -> list[int]:
+    return encode_prompt(tokenizer, chat_text(tokenizer, messages,
+                                              generation_prompt=generation_prompt))
+
+
 def default_cache(model) -> list:
     from .cache.config import CacheConfig, make_cache
 

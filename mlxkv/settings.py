@@ -97,3 +97,23 @@ def apply(config: CacheConfig, words: Mapping[str, Any]) -> CacheConfig:
             changes.get(b, getattr(config, b)) is None for b in ("key_bits", "value_bits")):
         changes.setdefault("residual", 0)
     return config.replace(**changes)
+
+
+def configs_from_toml(path: str) -> dict[str, CacheConfig]:
+    """``[configs."name"]`` tables of cache settings (the words above) -> checked configs."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise InputError(f"cannot read the config file {path}: {e}") from None
+    tables = doc.get("configs")
+    if not isinstance(tables, dict) or not tables:
+        raise InputError(f'{path} has no [configs."name"] tables')
+    bad = [name for name, words in tables.items() if not isinstance(words, dict)]
+    if bad:
+        raise InputError(f'{path}: [configs."{bad[0]}"] must be a table of cache settings')
+    return {name: apply(CacheConfig(), words).check() for name, words in tables.items()}

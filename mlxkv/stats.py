@@ -88,5 +88,5 @@ def _layer_stats(c) -> LayerStats:
 def cache_stats(cache, budget: int | None = None) -> CacheStats:
     """Per-layer and total statistics of a model's cache (a list of per-layer caches)."""
     if budget is None:
-        budget = sum(getattr(c, "budget", 0) for c in cache) or None
+        budget = sum(getattr(c, "budget", None) or 0 for c in cache) or None  # mlx-lm caches: none
     return CacheStats(layers=[_layer_stats(c) for c in cache], budget=budget)

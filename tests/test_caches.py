@@ -282,7 +282,7 @@ def test_head_dim_without_a_supported_group_is_a_clear_error():
 
 def test_bench_configs_use_the_models_own_head_dim():
     """Qwen3 declares head_dim (128) apart from hidden_size // heads (here 32)."""
-    from mlxkv.bench import cache_factories
+    from mlxkv.presets import cache_factories
 
     model = tiny_model("qwen3", head_dim=128)
     factories = cache_factories(model)

@@ -10,8 +10,9 @@ import pytest
 
 from mlxkv.cache.config import CacheConfig, make_cache
 from mlxkv.errors import InputError
-from mlxkv.evaluate import (REFERENCE, kl_divergence, load_config_file, log_softmax, nll,
-                            passkey, passkey_prompt, perplexity, quality)
+from mlxkv.evaluation import (REFERENCE, kl_divergence, log_softmax, nll, passkey, passkey_prompt,
+                              perplexity, quality)
+from mlxkv.settings import configs_from_toml as load_config_file
 from mlxkv.texts import load_text
 
 
@@ -63,7 +64,7 @@ def test_quality_on_the_real_model(smollm):
         "8-bit": lambda: make_cache(model, CacheConfig(key_bits=8, value_bits=8, group_size=32)),
         "2-bit": lambda: make_cache(model, CacheConfig(key_bits=2, value_bits=2, group_size=32)),
         "window 64": lambda: make_cache(model, CacheConfig(window=60, sinks=4)),
-    }, chunk=64, progress=False)
+    }, chunk=64)
     ref = rows[REFERENCE]
     assert 5 < ref.ppl < 200 and ref.kld == 0 and ref.top1 == 1
     # mlxkv's full cache is the same computation as the reference.
@@ -79,7 +80,7 @@ def test_passkey_prompt_and_retrieval(smollm):
     assert 500 < len(prompt) <= 600 and "48213" in tok.decode(prompt)
     acc = passkey(model, tok, {"full": lambda: make_cache(model, CacheConfig()),
                                "window 32": lambda: make_cache(model, CacheConfig(window=28))},
-                  lengths=[600], depths=[0.1], trials=2, progress=False)
+                  lengths=[600], depths=[0.1], trials=2)
     # The full cache finds it; a 32-token window long past the needle cannot.
     assert acc["full"] == {"600@10": 1.0} and acc["window 32"] == {"600@10": 0.0}
 
@@ -101,6 +102,6 @@ def test_eval_cli_writes_json_table_and_plots(smollm, tmp_path):
     assert "| 4-bit rotated |" in (tmp_path / "eval.md").read_text() and "| mlxkv 8-bit |" in r.stdout
     for png in ("eval-quality.png", "eval-passkey.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = subprocess.run([sys.executable, "-m", "mlxkv.cli", "eval", "--depths", "50,x"],
+    bad = subprocess.run([sys.executable, "-m", "mlxkv.cli", "eval", "--depths", "50", "x"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--depths must be comma-separated" in bad.stderr
+    assert bad.returncode == 2 and "argument --depths: invalid int value: 'x'" in bad.stderr

@@ -11,7 +11,7 @@ from mlxkv import CacheConfig, make_cache
 from mlxkv.cache.config import ALLOCATORS, allocate
 from mlxkv.cache.scored import ScoredCache
 from mlxkv.errors import InputError
-from mlxkv.evaluate import passkey_prompt
+from mlxkv.evaluation import passkey_prompt
 from mlxkv.policies import POLICIES, KnormPolicy, TOVAPolicy
 from mlxkv.policies.snapkv import avg_pool
 

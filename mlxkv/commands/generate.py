@@ -1,0 +1,61 @@
+"""``mlxkv generate``: one reply, streamed to stdout."""
+
+from __future__ import annotations
+
+import sys
+
+from ..budget import format_bytes
+from ..errors import InputError
+from .common import add_cache_flags, add_model_flags, add_sampling_flags, load_for_args, sampling_from_args
+
+
+def add_parser(sub) -> None:
+    g = sub.add_parser("generate", help="generate a reply to one prompt, streamed to stdout")
+    g.add_argument("prompt_arg", nargs="?", default=None, metavar="PROMPT")
+    g.add_argument("--prompt", "-p", default=None, help="prompt text ('-' or none: read stdin)")
+    g.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
+    g.add_argument("--verbose", "-v", action="store_true", help="print speed and cache figures")
+    add_model_flags(g)
+    add_sampling_flags(g)
+    add_cache_flags(g)
+    g.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..cache.config import make_cache
+    from ..generation import chat_tokens, stream_generate
+
+    prompt = args.prompt
+    if prompt is None or prompt == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise InputError("no prompt: give --prompt TEXT or pipe the prompt on stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise InputError("the prompt is empty")
+    sampling = sampling_from_args(args)
+    model, tokenizer, resolved, config = load_for_args(args, quiet=not args.verbose)
+    if tokenizer.has_chat_template and not args.ignore_chat_template:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        tokens = chat_tokens(tokenizer, messages + [{"role": "user", "content": prompt}])
+    else:
+        tokens = prompt
+    cache = make_cache(model, config)
+    last = None
+    for event in stream_generate(model, tokenizer, tokens, max_tokens=args.max_tokens,
+                                 cache=cache, prefill_step=args.prefill_step,
+                                 stop=args.stop, sampling=sampling):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        last = event
+    sys.stdout.write("\n")
+    if args.verbose and last is not None:
+        st = last.cache
+        print(f"model: {resolved.alias or resolved.path} ({resolved.source})", file=sys.stderr)
+        print(f"cache: {config.describe()}", file=sys.stderr)
+        print(f"prompt: {last.prompt_tokens} tokens, {last.prefill_tps:.1f} tokens/s", file=sys.stderr)
+        print(f"generation: {last.generated_tokens} tokens, {last.decode_tps:.1f} tokens/s "
+              f"(finish: {last.finish_reason})", file=sys.stderr)
+        budget = f" of a {format_bytes(st.budget)} budget" if st.budget else ""
+        print(f"KV cache: {format_bytes(st.nbytes)}{budget} for {st.seen} tokens "
+              f"({st.kept} kept, {st.compression:.2f}x vs {st.dtype})", file=sys.stderr)
+    return 0
