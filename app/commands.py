@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlxkv import CacheConfig, settings
+from mlxkv.cache.codec import BITS
 from mlxkv.errors import InputError
 
 COMMANDS = {
     "budget": ("SIZE|off", "KV budget for the whole model, e.g. /budget 32MB"),
-    "bits": ("N|off", "bits for keys and values (2, 3, 4, 8), or off for full precision"),
+    "bits": ("N|off", f"bits for keys and values ({', '.join(map(str, BITS))}), or off for "
+                      "full precision"),
     "window": ("N|off", "keep only the sinks + the N most recent tokens (no budget)"),
     "policy": ("NAME", "eviction policy under the budget"),
     "clear": ("", "start a new conversation (ctrl+n)"),

@@ -10,10 +10,11 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
 
 from mlxkv import CacheConfig, settings
+from mlxkv.cache import codec
 from mlxkv.errors import InputError
 from mlxkv.policies import known_policies
 
-BITS = [("full precision", 0), ("8-bit", 8), ("4-bit", 4), ("3-bit", 3), ("2-bit", 2)]
+BITS = [("full precision", 0)] + [(f"{b}-bit", b) for b in sorted(codec.BITS, reverse=True)]
 
 
 class SettingsScreen(ModalScreen[CacheConfig | None]):

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..kernels import quantize_rows
+from ..kernels.quantize_rows import BITS as KERNEL_BITS, GROUP_SIZES as KERNEL_GROUP_SIZES
 
-BITS = (2, 3, 4, 8)
-GROUP_SIZES = (32, 64, 128)
+BITS, GROUP_SIZES = KERNEL_BITS, KERNEL_GROUP_SIZES  # what the kernels support
 DEFAULT_GROUP = 64
 
 

@@ -8,8 +8,8 @@ import mlx.core as mx
 
 from . import _metal
 
-BITS = (2, 3, 4, 8)
-GROUPS = (32, 64, 128)
+BITS = (2, 3, 4, 8)        # bit widths mlxkv quantizes K/V to (declared here, once)
+GROUP_SIZES = (32, 64, 128)  # group sizes, as mx.quantize supports them
 
 
 def quantize_rows_metal(x: mx.array, *, bits: int, group_size: int):
@@ -37,7 +37,7 @@ def quantize_rows_reference(x: mx.array, *, bits: int, group_size: int):
 
 
 def supported(x: mx.array, bits: int, group_size: int) -> bool:
-    return (bits in BITS and group_size in GROUPS and x.shape[-1] % group_size == 0
+    return (bits in BITS and group_size in GROUP_SIZES and x.shape[-1] % group_size == 0
             and x.dtype in (mx.float16, mx.bfloat16, mx.float32) and x.size > 0)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from . import _metal
+from .quantize_rows import BITS
 
 SIMDGROUPS = 8         # simdgroups per threadgroup
 BLOCK = 256            # tokens per threadgroup in the two-pass variant
@@ -66,7 +67,7 @@ def _dims_ok(ring: QuantizedKV | None, q, fk, fv) -> bool:
     ok = ok and q.dtype in (mx.float16, mx.bfloat16, mx.float32) and q.shape[1] % fk.shape[1] == 0
     if ring is not None:
         ok = ok and ring.key_mode in ("token", "channel") and ring.keys[1].dtype == q.dtype
-        ok = ok and ring.key_bits in (2, 3, 4, 8) and ring.value_bits in (2, 3, 4, 8)
+        ok = ok and ring.key_bits in BITS and ring.value_bits in BITS
         ok = ok and D % ring.key_group == 0 and DV % ring.value_group == 0
     return ok and fk.dtype == q.dtype
 
