@@ -13,7 +13,8 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.widgets import Footer, Header, ProgressBar
+from textual.widgets import Footer, Header, Markdown, ProgressBar
+from textual.widgets.markdown import MarkdownStream
 
 from mlxkv import CacheConfig, ChatSession, GenerationEvent, cache_stats
 from mlxkv.errors import InputError, MlxkvError
@@ -22,6 +23,7 @@ from . import commands
 from .screens.help import HelpScreen
 from .screens.settings import SettingsScreen
 from .store import ChatStore, new_name
+from .text import neutralize
 from .widgets.cache_panel import CachePanel
 from .widgets.conversation import AssistantMessage, Conversation
 from .widgets.prompt import PromptInput
@@ -79,7 +81,7 @@ class ChatApp(App):
         self.busy = False
         self._stop = threading.Event()
         self._reply: AssistantMessage | None = None
-        self._reply_text = ""
+        self._stream: MarkdownStream | None = None  # Textual batches the reply's fragments
         self._latest: GenerationEvent | None = None
         self._dirty = False
 
@@ -146,7 +148,7 @@ class ChatApp(App):
     def send(self, text: str) -> None:
         self.conversation.add_user(text)
         self._reply = self.conversation.add_assistant()
-        self._reply_text = ""
+        self._stream = Markdown.get_stream(self._reply)
         self._stop.clear()
         self.busy = True
         self._generate(text)
@@ -270,29 +272,33 @@ class ChatApp(App):
 
     # -- messages from the workers --------------------------------------------------------------
     @on(Streamed)
-    def streamed(self, message: Streamed) -> None:
-        self._reply_text += message.event.text
+    async def streamed(self, message: Streamed) -> None:
         self._latest = message.event
         self._dirty = True
+        if self._reply is not None and self._stream is not None and message.event.text:
+            self._reply.text += message.event.text
+            await self._stream.write(neutralize(message.event.text))
+            self.conversation.scroll_end(animate=False)
 
     def flush(self) -> None:
+        """The panel, on a timer: figures of the latest token, not of every token."""
         if not self._dirty:
             return
         self._dirty = False
-        if self._reply is not None:
-            self._reply.set_text(self._reply_text)
-            self.conversation.scroll_end(animate=False)
         if self._latest is not None:
             self.panel.show(self._latest.cache, prefill_tps=self._latest.prefill_tps,
                             decode_tps=self._latest.decode_tps)
 
     @on(ReplyEnded)
-    def reply_ended(self, message: ReplyEnded) -> None:
+    async def reply_ended(self, message: ReplyEnded) -> None:
+        if self._stream is not None:
+            await self._stream.stop()  # the fragments still queued are written first
+            self._stream = None
         self.flush()
         reply, self._reply = self._reply, None
         self.busy = False
         if message.error:
-            if reply is not None and not self._reply_text:
+            if reply is not None and not reply.text:
                 reply.remove()
             self.note(message.error, error=True)
         elif message.event is not None and message.event.finish_reason == "cancelled":

@@ -176,13 +176,13 @@ async def test_budget_command_rebuilds_and_keeps_history(smollm, store):
         messages = list(app.session.messages)
         await type_and_send(pilot, "/budget 8MB")
         await wait_idle(pilot)
-        assert app.session.cache_config.budget == "8MB"
+        assert app.session.cache_config.budget == 8_000_000
         stats = app.query_one(CachePanel).stats
         assert stats.budget == 8_000_000 and 0 < stats.nbytes <= 8_000_000
         assert app.session.messages == messages and len(app.query(UserMessage)) == 1
         await type_and_send(pilot, "/budget 1KB")
         await wait_idle(pilot)
-        assert app.session.cache_config.budget == "8MB"
+        assert app.session.cache_config.budget == 8_000_000
         assert "too small" in str(app.query(Note).last().render())
         await type_and_send(pilot, "/frobnicate")
         await pilot.pause(0.1)
@@ -246,7 +246,7 @@ async def test_help_settings_and_history_keys(smollm, store):
         app.screen.query_one("#budget").value = "12MB"
         await pilot.click("#apply")
         await wait_idle(pilot)
-        assert app.session.cache_config.budget == "12MB"
+        assert app.session.cache_config.budget == 12_000_000
         await type_and_send(pilot, "/chats")
         await type_and_send(pilot, "/help")
         assert isinstance(app.screen, HelpScreen)

@@ -28,11 +28,7 @@ class AssistantMessage(Markdown):
 
     def __init__(self, text: str = ""):
         super().__init__(neutralize(text), open_links=False)
-        self.text = text
-
-    def set_text(self, text: str) -> None:
-        self.text = text
-        self.update(neutralize(text))
+        self.text = text  # the reply as the model wrote it (the app streams it in)
 
 
 class Conversation(VerticalScroll):
