@@ -1,21 +1,19 @@
-"""Saved conversations: ``<name>.json`` (the messages, always readable) beside
-``<name>.kv.safetensors`` (the compressed cache, so a chat resumes without re-prefill)
-under the user data dir."""
+"""Saved conversations under the user data dir, by name: ``<name>.json`` (the conversation
+in mlxkv's one chat format, always readable) beside ``<name>.kv.safetensors`` (the
+compressed cache, so a chat resumes without re-prefill); see ``ChatSession.save``."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
 from typing import Callable
 
-from mlxkv import CacheConfig, ChatSession
+from mlxkv import ChatSession
+from mlxkv.chat import kv_path
 from mlxkv.errors import CacheFileError, InputError
 from mlxkv.paths import data_dir
-from mlxkv.persist import atomic_write
 
-FORMAT = "mlxkv-chat-1"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -36,7 +34,8 @@ class ChatStore:
 
     def paths(self, name: str) -> tuple[Path, Path]:
         self.check_name(name)
-        return self.root / f"{name}.json", self.root / f"{name}.kv.safetensors"
+        doc = self.root / f"{name}.json"
+        return doc, kv_path(doc)
 
     def names(self) -> list[str]:
         """Saved conversations, most recent first."""
@@ -46,15 +45,10 @@ class ChatStore:
         return [p.stem for p in files]
 
     def save(self, name: str, session: ChatSession, *, model_name: str) -> Path:
-        """Write the conversation, then its cache (each atomically)."""
-        doc_path, kv_path = self.paths(name)
-        doc = {"format": FORMAT, "model": model_name, "system": session.system,
-               "cache_config": session.cache_config.to_dict(), "messages": session.messages,
-               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        text = json.dumps(doc, indent=1, ensure_ascii=False)
-        atomic_write(doc_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        session.save(kv_path)
-        return doc_path
+        """Write the conversation and its cache (``ChatSession.save``)."""
+        doc_path, _ = self.paths(name)
+        doc_path.parent.mkdir(parents=True, exist_ok=True)
+        return session.save(doc_path, model_name=model_name)
 
     def read(self, name: str) -> dict:
         doc_path, _ = self.paths(name)
@@ -62,37 +56,16 @@ class ChatStore:
             known = ", ".join(self.names()[:10]) or "none yet"
             raise InputError(f"no saved chat named {name!r} (saved: {known})")
         try:
-            doc = json.loads(doc_path.read_text(encoding="utf-8"))
-            messages = doc["messages"]
-            ok = doc.get("format") == FORMAT and all(
-                isinstance(m, dict) and m.get("role") in ("user", "assistant", "system")
-                and isinstance(m.get("content"), str) for m in messages)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CacheFileError(f"the saved chat {name!r} cannot be read: {e}") from None
-        if not ok:
-            raise CacheFileError(f"the saved chat {name!r} is not an mlxkv chat file")
-        return doc
+            return ChatSession.read(doc_path)
+        except CacheFileError as e:
+            raise CacheFileError(f"the saved chat {name!r} cannot be read ({e})") from None
 
     def load(self, name: str, model, tokenizer, *,
              progress: Callable[[int, int], None] | None = None,
              **generation) -> tuple[ChatSession, str | None]:
         """(session, note): resumes from the saved cache, or rebuilds the cache from the
         messages when that cache cannot be used (the note says why)."""
-        doc = self.read(name)
-        _, kv_path = self.paths(name)
-        try:
-            session = ChatSession.resume(kv_path, model, tokenizer, **generation)
-            if session.messages == doc["messages"]:
-                return session, None
-            why = "the saved cache is older than the conversation"
-        except CacheFileError as e:
-            why = str(e)
-        try:
-            config = CacheConfig(**doc.get("cache_config", {}))
-        except TypeError:
-            config = CacheConfig()
-        session = ChatSession(model, tokenizer, cache_config=config,
-                              system=doc.get("system"), **generation)
-        session.messages = list(doc["messages"])
-        session.reconfigure(config, progress=progress)
-        return session, f"rebuilt the cache from the messages ({why})"
+        doc_path, _ = self.paths(name)
+        self.read(name)
+        session = ChatSession.resume(doc_path, model, tokenizer, progress=progress, **generation)
+        return session, session.resume_note

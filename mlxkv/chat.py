@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 from mlx_lm.utils import common_prefix_len
 
 from .cache.route import model_head_dim
 from .cache.config import CacheConfig, make_cache
-from .errors import InputError
+from .errors import CacheFileError, InputError, MlxkvError
 from .generation import (DEFAULT_PREFILL_STEP, GenerationEvent, chat_text, encode_prompt,
                          prefill, stream_generate)
 
@@ -30,6 +34,7 @@ class ChatSession:
         self.system = system
         self.generation = generation
         self.messages: list[dict[str, str]] = []
+        self.resume_note: str | None = None  # set by resume() when the cache was rebuilt
         self.reset()
 
     def reset(self, keep_messages: bool = False) -> None:
@@ -133,22 +138,89 @@ class ChatSession:
     def ask(self, text: str, **overrides) -> str:
         return "".join(e.text for e in self.send(text, **overrides))
 
-    def save(self, path) -> None:
-        """Save the conversation with its compressed cache (see ``mlxkv.persist``)."""
-        from .persist import save_cache
+    # ----- saved conversations -----------------------------------------------------------
+    def save(self, path, *, model_name: str | None = None) -> Path:
+        """Save the conversation: ``path`` is one JSON document (format ``mlxkv-chat-1``:
+        messages, system message, cache config, model), its compressed cache goes beside
+        it (``kv_path(path)``, see ``mlxkv.persist``). Each is written atomically, the
+        document first; the cache records a digest of the messages it belongs to."""
+        from .persist import atomic_write, save_cache
 
-        save_cache(path, self.cache, model=self.model, config=self.cache_config,
-                   tokens=self.cached_tokens,
-                   extra={"messages": self.messages, "system": self.system})
+        path = Path(path)
+        doc = {"format": CHAT_FORMAT,
+               "model": model_name or getattr(self.model, "mlxkv_identity", {}).get("name"),
+               "system": self.system, "cache_config": self.cache_config.to_dict(),
+               "messages": self.messages, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        text = json.dumps(doc, indent=1, ensure_ascii=False)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        save_cache(kv_path(path), self.cache, model=self.model, config=self.cache_config,
+                   tokens=self.cached_tokens, extra={"conversation": _digest(self.messages)})
+        return path
+
+    @staticmethod
+    def read(path) -> dict:
+        """The saved conversation document at ``path``, checked (``CacheFileError`` if it
+        is not one)."""
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+            messages = doc["messages"]
+            ok = doc.get("format") == CHAT_FORMAT and all(
+                isinstance(m, dict) and m.get("role") in ("user", "assistant", "system")
+                and isinstance(m.get("content"), str) for m in messages)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CacheFileError(f"the saved chat {Path(path).name} cannot be read: {e}") from None
+        if not ok:
+            raise CacheFileError(f"{Path(path).name} is not an mlxkv chat file")
+        return doc
 
     @classmethod
-    def resume(cls, path, model, tokenizer, **generation) -> "ChatSession":
-        """A session from ``save``: the next turn feeds only its own tokens."""
+    def resume(cls, path, model, tokenizer, *, progress: Callable[[int, int], None] | None = None,
+               **generation) -> "ChatSession":
+        """A session from ``save``. From its saved cache the next turn feeds only its own
+        tokens; when that cache cannot be used (missing, made by another model, older
+        than the conversation) it is rebuilt from the messages, and ``resume_note`` says
+        why. A single ``.safetensors`` file saved by mlxkv 0.1 loads too."""
         from .persist import load_cache
 
-        cache, config, tokens, extra = load_cache(path, model)
-        session = cls(model, tokenizer, cache_config=config, system=extra.get("system"),
-                      **generation)
-        session.cache, session.cached_tokens = cache, tokens
-        session.messages = list(extra.get("messages", []))
+        path = Path(path)
+        if path.suffix == ".safetensors":  # 0.1: the conversation in the cache's metadata
+            cache, config, tokens, extra = load_cache(path, model)
+            session = cls(model, tokenizer, cache_config=config, system=extra.get("system"),
+                          **generation)
+            session.cache, session.cached_tokens = cache, tokens
+            session.messages = list(extra.get("messages", []))
+            return session
+        doc = cls.read(path)
+        messages = list(doc["messages"])
+        try:
+            cache, config, tokens, extra = load_cache(kv_path(path), model)
+            if extra.get("conversation") == _digest(messages):
+                session = cls(model, tokenizer, cache_config=config, system=doc.get("system"),
+                              **generation)
+                session.cache, session.cached_tokens, session.messages = cache, tokens, messages
+                return session
+            why = "the saved cache is older than the conversation"
+        except CacheFileError as e:
+            why = str(e)
+        try:
+            config = CacheConfig(**doc.get("cache_config", {}))
+        except (TypeError, MlxkvError):
+            config = CacheConfig()
+        session = cls(model, tokenizer, cache_config=config, system=doc.get("system"), **generation)
+        session.messages = messages
+        session.reconfigure(config, progress=progress)
+        session.resume_note = f"rebuilt the cache from the messages ({why})"
         return session
+
+
+CHAT_FORMAT = "mlxkv-chat-1"
+
+
+def kv_path(path) -> Path:
+    """Where a saved conversation's compressed cache lives: ``chat.json`` ->
+    ``chat.kv.safetensors``."""
+    return Path(path).with_suffix(".kv.safetensors")
+
+
+def _digest(messages) -> str:
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()

@@ -171,11 +171,27 @@ def test_chat_resumes_from_saved_cache_without_reprefill(smollm, tmp_path):
     config = CacheConfig(budget="8MB", key_bits=8, value_bits=8, group_size=32)
     chat = mlxkv.ChatSession(model, tok, cache_config=config, max_tokens=16)
     chat.ask("What is the capital of France?")
-    chat.save(tmp_path / "chat.safetensors")
-    resumed = mlxkv.ChatSession.resume(tmp_path / "chat.safetensors", model, tok, max_tokens=16)
+    chat.save(tmp_path / "chat.json")
+    doc = json.loads((tmp_path / "chat.json").read_text())  # the one conversation document
+    assert doc["messages"] == chat.messages and doc["cache_config"]["budget"] == 8_000_000
+    resumed = mlxkv.ChatSession.resume(tmp_path / "chat.json", model, tok, max_tokens=16)
+    assert resumed.resume_note is None
     assert resumed.messages == chat.messages and resumed.cached_tokens == chat.cached_tokens
     assert resumed.ask("And of Italy?") == chat.ask("And of Italy?")
     assert resumed.last_fed == chat.last_fed < 20
+
+
+def test_chats_saved_by_0_1_still_resume(smollm, tmp_path):
+    """mlxkv 0.1 saved a chat as one cache file with the conversation in its metadata."""
+    model, tok = smollm
+    config = CacheConfig(budget="8MB", key_bits=8, value_bits=8, group_size=32)
+    chat = mlxkv.ChatSession(model, tok, cache_config=config, max_tokens=16)
+    chat.ask("What is the capital of France?")
+    save_cache(tmp_path / "old.safetensors", chat.cache, model=model, config=config,
+               tokens=chat.cached_tokens, extra={"messages": chat.messages, "system": None})
+    resumed = mlxkv.ChatSession.resume(tmp_path / "old.safetensors", model, tok, max_tokens=16)
+    assert resumed.messages == chat.messages and resumed.cached_tokens == chat.cached_tokens
+    assert resumed.ask("And of Italy?") == chat.ask("And of Italy?")
 
 
 def test_budgeted_chat_continues_without_rebuilding(smollm):
