@@ -1,6 +1,7 @@
 """Every kernel in metal_kernels/ against its pure-MLX reference, through the CPU
 simulator of Metal (``mlxkv.metalsim``). References compute in float32."""
 
+import re
 from importlib import import_module
 
 import mlx.core as mx
@@ -163,6 +164,41 @@ def test_unsupported_shape_falls_back_to_reference(metal_sim):
         assert sum(metal_sim.launches.values()) == before
     got = sdpa_quantized.sdpa_quantized(**case)
     close(got, sdpa_quantized.sdpa_quantized_reference(**case), mx.float32)
+
+
+@pytest.mark.parametrize("n", [0, 2])  # no ring (dummy inputs), a ring of 2 tokens
+def test_no_input_is_bound_in_the_constant_address_space(metal_sim, monkeypatch, n):
+    """MLX binds inputs under 8 elements as ``const constant``; the kernels read every
+    input through ``device`` pointers, which Apple's compiler cannot bind to those. The
+    generated signatures of every launch (ring-less and tiny rings, quantize_rows and
+    attention_stats on tiny shapes) have device pointers only."""
+    if metal_sim is None:
+        pytest.skip("on a Mac the real compiler checks this")
+    signatures = []
+    simulate = mx.fast.metal_kernel
+
+    def recording(**spec):
+        kernel = simulate(**spec)
+
+        def launch(**call):
+            signatures.append(kernel.spec.msl_source(call["inputs"], call["output_dtypes"],
+                                                     call.get("template") or []))
+            return kernel(**call)
+        return launch
+
+    monkeypatch.setattr(mx.fast, "metal_kernel", recording)
+    case = attention_case(B=1, H=1, rep=1, n=n, nf=1, D=32, group=32)
+    got, scores, lse = sdpa_quantized.sdpa_quantized(**case, stats=True)
+    want = sdpa_quantized.sdpa_quantized_reference(**case)
+    close(got, want, mx.float32)
+    mass = attention_stats.attention_mass(scores, lse, kv_heads=1)
+    close(mass, attention_stats.attention_mass_reference(scores, lse, kv_heads=1, rows=(0, 1)),
+          mx.float32)
+    w, _, _ = quantize_rows.quantize_rows(mx.ones((1, 32)), bits=8, group_size=32)
+    assert w.shape == (1, 8)
+    assert len(signatures) == 3
+    for text in signatures:
+        assert "const device" in text and not re.search(r"constant [\w:<>]+\s*\*", text), text
 
 
 def test_kernel_failing_on_the_device_falls_back_to_reference_with_a_warning(monkeypatch):

@@ -52,6 +52,21 @@ def kernel(name: str, inputs: list[str], outputs: list[str], *, header: str = ""
     return built[1]
 
 
+# MLX binds an input of fewer elements than this in the ``constant`` address space; every
+# kernel here reads its inputs through ``device`` pointers (helpers in kv_attention.h take
+# ``const device T*``), which Apple's compiler refuses to bind to a ``constant`` pointer.
+MIN_DEVICE_ELEMENTS = 8
+
+
+def device_sized(x: mx.array) -> mx.array:
+    """``x`` flattened and padded with zeros to ``MIN_DEVICE_ELEMENTS`` when smaller (the
+    kernels index their inputs flat and never read the padding). A 0-d scalar stays: MLX
+    binds it as a ``constant`` reference, which a kernel reads as a value."""
+    if x.ndim == 0 or x.size >= MIN_DEVICE_ELEMENTS:
+        return x
+    return mx.concatenate([x.reshape(-1), mx.zeros((MIN_DEVICE_ELEMENTS - x.size,), x.dtype)])
+
+
 _CHECKED: set = set()
 _FAILED: dict[str, str] = {}  # kernel name -> why it was turned off
 
@@ -70,15 +85,16 @@ def launch(name: str, inputs_names: list[str], outputs: list[str], *, inputs, te
     run there is turned off with a warning and the caller falls back to its reference
     (the answer stays right, only slower). With ``MLXKV_KERNELS=metal`` errors propagate.
     """
-    key = (name, repr(template), tuple((x.dtype, x.ndim, x.size < 8) for x in inputs))
+    inputs = [device_sized(x) for x in inputs]
+    key = (name, repr(template), tuple((x.dtype, x.ndim) for x in inputs))
     if mode() == "metal" or key in _CHECKED:
         return kernel(name, inputs_names, outputs, header=header)(
-            inputs=inputs, template=template, **call)
+            inputs=inputs, template=template, stream=mx.gpu, **call)
     try:
         outs = kernel(name, inputs_names, outputs, header=header)(
-            inputs=inputs, template=template, **call)
+            inputs=inputs, template=template, stream=mx.gpu, **call)
         mx.eval(outs)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # MLX raises both for kernels it cannot run
         _FAILED[name] = str(e)
         warnings.warn(f"mlxkv: Metal kernel {name} failed on this device and is turned off "
                       f"(the reference path is used instead): {e}", RuntimeWarning, stacklevel=3)
