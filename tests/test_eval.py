@@ -102,6 +102,11 @@ def test_eval_cli_writes_json_table_and_plots(smollm, tmp_path):
     assert "| 4-bit rotated |" in (tmp_path / "eval.md").read_text() and "| mlxkv 8-bit |" in r.stdout
     for png in ("eval-quality.png", "eval-passkey.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    quick = subprocess.run([sys.executable, "-m", "mlxkv.cli", "eval", "--tokens", "64", "--chunk",
+                            "32", "--config", "mlxkv 8-bit", "--passkey-lengths", "--quiet"],
+                           capture_output=True, text=True, timeout=600)  # no passkey test
+    assert quick.returncode == 0, quick.stderr
+    assert "| mlxkv 8-bit |" in quick.stdout and quick.stdout.count("| - |") == 2
     bad = subprocess.run([sys.executable, "-m", "mlxkv.cli", "eval", "--depths", "50", "x"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "argument --depths: invalid int value: 'x'" in bad.stderr

@@ -64,8 +64,8 @@ def run(args) -> int:
             accuracy = passkey(model, tokenizer, {REFERENCE: known[REFERENCE], **factories},
                                lengths=lengths, depths=[d / 100 for d in depths],
                                trials=args.trials, seed=args.seed, step=lambda: bar.advance(task))
-        for name, cells in accuracy.items():
-            rows[name].passkey = cells
+            for name, cells in accuracy.items():
+                rows[name].passkey = cells
     ordered = [rows[REFERENCE]] + [rows[n] for n in factories]
     table = markdown_table(ordered)
     print(table)
