@@ -14,7 +14,6 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Footer, Header, Markdown, ProgressBar
-from textual.widgets.markdown import MarkdownStream
 
 from mlxkv import CacheConfig, ChatSession, GenerationEvent, cache_stats
 from mlxkv.errors import InputError, MlxkvError
@@ -81,7 +80,7 @@ class ChatApp(App):
         self.busy = False
         self._stop = threading.Event()
         self._reply: AssistantMessage | None = None
-        self._stream: MarkdownStream | None = None  # Textual batches the reply's fragments
+        self._stream = None  # Markdown.get_stream of the reply: Textual batches its fragments
         self._latest: GenerationEvent | None = None
         self._dirty = False
 
