@@ -18,7 +18,4 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-if _blas.slow_blas_reason():  # one warning, at the import of mlxkv
-    import warnings
-
-    warnings.warn(_blas.slow_blas_reason(), RuntimeWarning, stacklevel=2)
+_blas.warn_if_slow()  # one warning, at the import of mlxkv

@@ -114,6 +114,15 @@ def mlx_uses_openblas() -> bool:
     return blas is not None and mlx is not None and blas < mlx
 
 
+def warn_if_slow() -> None:
+    """One ``RuntimeWarning`` at the code importing mlxkv when MLX runs on the slow BLAS."""
+    reason = slow_blas_reason()
+    if reason:
+        import warnings
+
+        warnings.warn(reason, RuntimeWarning, stacklevel=3)
+
+
 def slow_blas_reason() -> str | None:
     """Why MLX in this process runs on the reference BLAS and what to do, or None when it
     does not (or mlxkv is not meant to change it here)."""

@@ -13,15 +13,9 @@ class LayerStats:
     evicted: int         # tokens no longer in the cache
     nbytes: int          # bytes of the cache's arrays (allocated, incl. room to grow)
     fp16_nbytes: int     # bytes an fp16 cache of the kept tokens would take
-    used_nbytes: int = -1   # bytes the kept tokens take in their storage (-1: = nbytes)
-    dense_nbytes: int = -1  # bytes they would take uncompressed, in `dtype` (-1: = used)
+    used_nbytes: int     # bytes the kept tokens take in their storage (nbytes less room ahead)
+    dense_nbytes: int    # bytes they would take uncompressed, in ``dtype``
     dtype: str = "float16"  # the cache's full-precision dtype
-
-    def __post_init__(self):
-        if self.used_nbytes < 0:
-            object.__setattr__(self, "used_nbytes", self.nbytes)
-        if self.dense_nbytes < 0:
-            object.__setattr__(self, "dense_nbytes", self.used_nbytes)
 
     @property
     def kept(self) -> int:
@@ -75,6 +69,11 @@ class CacheStats:
         return self.dense_nbytes / used if used else 1.0
 
 
+def dtype_name(dtype) -> str:
+    """``mlx.core.float32`` -> ``"float32"``."""
+    return str(dtype).split(".")[-1]
+
+
 def _layer_stats(c) -> LayerStats:
     own = getattr(c, "layer_stats", None)
     if own is not None:
@@ -82,7 +81,7 @@ def _layer_stats(c) -> LayerStats:
     # A cache from elsewhere (e.g. mlx-lm's): only the protocol's offset and nbytes are known.
     nbytes = 0 if c.empty() else c.nbytes
     return LayerStats(seen=c.offset, kept_full=c.offset, kept_quantized={}, evicted=0,
-                      nbytes=nbytes, fp16_nbytes=nbytes)
+                      nbytes=nbytes, fp16_nbytes=nbytes, used_nbytes=nbytes, dense_nbytes=nbytes)
 
 
 def cache_stats(cache, budget: int | None = None) -> CacheStats:

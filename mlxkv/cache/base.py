@@ -27,7 +27,7 @@ import mlx.core as mx
 
 from ..kernels import QuantizedKV, attention_mass, metal_enabled, sdpa_quantized
 from ..kernels.sdpa_quantized import fused_available
-from ..stats import LayerStats
+from ..stats import LayerStats, dtype_name
 from .codec import AffineCodec, FloatCodec
 
 _FLOAT = FloatCodec()
@@ -128,7 +128,8 @@ class CompressedCache:
         kept = held_full + ring
         if self.sink_k is None:
             return LayerStats(seen=self.offset, kept_full=0, kept_quantized={},
-                              evicted=self.offset, nbytes=0, fp16_nbytes=0)
+                              evicted=self.offset, nbytes=0, fp16_nbytes=0, used_nbytes=0,
+                              dense_nbytes=0)
         head = self.sink_k.shape[0] * self.sink_k.shape[1] * (self.sink_k.shape[3] + self.sink_v.shape[3])
         dtype = self.sink_k.dtype
         full_bytes = sum(a.nbytes for a in (self.sink_k, self.sink_v, self.res_k, self.res_v))
@@ -143,7 +144,7 @@ class CompressedCache:
             fp16_nbytes=2 * head * kept,
             used_nbytes=head * dtype.size * held_full + ring_used,
             dense_nbytes=head * dtype.size * kept,
-            dtype=str(dtype).split(".")[-1],
+            dtype=dtype_name(dtype),
         )
 
     # ----- writing ----------------------------------------------------------------

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..kernels import quantize_rows
-from ..kernels.quantize_rows import BITS as KERNEL_BITS, GROUP_SIZES as KERNEL_GROUP_SIZES
-
-BITS, GROUP_SIZES = KERNEL_BITS, KERNEL_GROUP_SIZES  # what the kernels support
+from ..kernels.quantize_rows import BITS, GROUP_SIZES  # noqa: F401  (what the kernels support)
 DEFAULT_GROUP = 64
 
 

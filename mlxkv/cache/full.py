@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from ..stats import LayerStats
+from ..stats import LayerStats, dtype_name
 
 
 class FullCache(KVCache):
@@ -27,10 +27,11 @@ class FullCache(KVCache):
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
     def layer_stats(self) -> LayerStats:
-        per_token = 0 if self.keys is None else 2 * self.keys.shape[0] * self.keys.shape[1] * (
-            self.keys.shape[3] + self.values.shape[3])
-        dense = 0 if self.keys is None else per_token * self.keys.dtype.size // 2 * self.offset
+        if self.keys is None:
+            return LayerStats(seen=self.offset, kept_full=self.offset, kept_quantized={},
+                              evicted=0, nbytes=0, fp16_nbytes=0, used_nbytes=0, dense_nbytes=0)
+        elements = self.keys.shape[0] * self.keys.shape[1] * (self.keys.shape[3] + self.values.shape[3])
+        dense = elements * self.keys.dtype.size * self.offset  # the kept tokens, uncompressed
         return LayerStats(seen=self.offset, kept_full=self.offset, kept_quantized={}, evicted=0,
-                          nbytes=self.nbytes, fp16_nbytes=per_token * self.offset,
-                          used_nbytes=dense, dense_nbytes=dense,
-                          dtype=str(self.keys.dtype).split(".")[-1] if self.keys is not None else "float16")
+                          nbytes=self.nbytes, fp16_nbytes=2 * elements * self.offset,
+                          used_nbytes=dense, dense_nbytes=dense, dtype=dtype_name(self.keys.dtype))
