@@ -50,11 +50,17 @@ class ChatStore:
         doc_path.parent.mkdir(parents=True, exist_ok=True)
         return session.save(doc_path, model_name=model_name)
 
-    def read(self, name: str) -> dict:
+    def existing(self, name: str) -> Path:
+        """The document of the saved chat ``name`` (``InputError`` naming the saved ones
+        when there is none)."""
         doc_path, _ = self.paths(name)
         if not doc_path.exists():
             known = ", ".join(self.names()[:10]) or "none yet"
             raise InputError(f"no saved chat named {name!r} (saved: {known})")
+        return doc_path
+
+    def read(self, name: str) -> dict:
+        doc_path = self.existing(name)
         try:
             return ChatSession.read(doc_path)
         except CacheFileError as e:
@@ -65,7 +71,6 @@ class ChatStore:
              **generation) -> tuple[ChatSession, str | None]:
         """(session, note): resumes from the saved cache, or rebuilds the cache from the
         messages when that cache cannot be used (the note says why)."""
-        doc_path, _ = self.paths(name)
-        self.read(name)
-        session = ChatSession.resume(doc_path, model, tokenizer, progress=progress, **generation)
+        session = ChatSession.resume(self.existing(name), model, tokenizer, progress=progress,
+                                     **generation)
         return session, session.resume_note

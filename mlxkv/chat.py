@@ -182,23 +182,23 @@ class ChatSession:
         why. A single ``.safetensors`` file saved by mlxkv 0.1 loads too."""
         from .persist import load_cache
 
+        def from_cache(loaded, messages, system):
+            cache, config, tokens, _ = loaded
+            session = cls(model, tokenizer, cache_config=config, system=system, **generation)
+            session.cache, session.cached_tokens, session.messages = cache, tokens, messages
+            return session
+
         path = Path(path)
         if path.suffix == ".safetensors":  # 0.1: the conversation in the cache's metadata
-            cache, config, tokens, extra = load_cache(path, model)
-            session = cls(model, tokenizer, cache_config=config, system=extra.get("system"),
-                          **generation)
-            session.cache, session.cached_tokens = cache, tokens
-            session.messages = list(extra.get("messages", []))
-            return session
+            loaded = load_cache(path, model)
+            extra = loaded[3]
+            return from_cache(loaded, list(extra.get("messages", [])), extra.get("system"))
         doc = cls.read(path)
         messages = list(doc["messages"])
         try:
-            cache, config, tokens, extra = load_cache(kv_path(path), model)
-            if extra.get("conversation") == _digest(messages):
-                session = cls(model, tokenizer, cache_config=config, system=doc.get("system"),
-                              **generation)
-                session.cache, session.cached_tokens, session.messages = cache, tokens, messages
-                return session
+            loaded = load_cache(kv_path(path), model)
+            if loaded[3].get("conversation") == _digest(messages):
+                return from_cache(loaded, messages, doc.get("system"))
             why = "the saved cache is older than the conversation"
         except CacheFileError as e:
             why = str(e)

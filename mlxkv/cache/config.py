@@ -254,10 +254,10 @@ def budget_window(model, config: CacheConfig, per_layer: int, n_layers: int) -> 
     slot's score and position)."""
     from mlx.utils import tree_flatten
 
-    from .route import model_head_dim
+    from .route import model_head_dim, model_kv_heads
 
     head_dim = model_head_dim(model)
-    kv_heads = model.args.num_key_value_heads or model.args.num_attention_heads
+    kv_heads = model_kv_heads(model)
     dtype_size = next(v.dtype.size for _, v in tree_flatten(model.parameters())
                       if mx.issubdtype(v.dtype, mx.floating))
     kc = make_codec(config.key_bits, config.group_size, config.key_mode)

@@ -92,3 +92,7 @@ def learned_sinks(model) -> bool:
 def model_head_dim(model) -> int:
     args = model.args
     return getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+
+
+def model_kv_heads(model) -> int:
+    return model.args.num_key_value_heads or model.args.num_attention_heads

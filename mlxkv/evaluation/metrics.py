@@ -35,11 +35,10 @@ def perplexity(total_nll: float, count: int) -> float:
 
 def kv_elements(model, cache) -> int:
     """Elements an fp cache of the tokens ``cache`` holds would have (K and V)."""
-    from ..cache.route import model_head_dim
+    from ..cache.route import model_head_dim, model_kv_heads
 
-    heads = model.args.num_key_value_heads or model.args.num_attention_heads
     # mlx-lm's QuantizedKVCache does not report a size: it holds every token seen.
-    return sum(2 * heads * model_head_dim(model) * (c.size() or c.offset) for c in cache)
+    return sum(2 * model_kv_heads(model) * model_head_dim(model) * (c.size() or c.offset) for c in cache)
 
 
 @dataclass

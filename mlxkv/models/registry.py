@@ -60,19 +60,19 @@ class Registry:
             ) from None
 
 
-def _parse_source(alias: str, raw: dict[str, Any]) -> Source:
+def _parse_source(alias: str, raw: dict[str, Any], where: str) -> Source:
     raw = dict(raw)
     kind = raw.pop("kind", None)
     fmt = raw.pop("format", "mlx")
     if kind not in SOURCE_KINDS:
-        raise ConfigFileError(f"models.toml: {alias}: source kind {kind!r} is not one of {SOURCE_KINDS}")
+        raise ConfigFileError(f"{where}: {alias}: source kind {kind!r} is not one of {SOURCE_KINDS}")
     if fmt not in FORMATS:
-        raise ConfigFileError(f"models.toml: {alias}: format {fmt!r} is not one of {FORMATS}")
+        raise ConfigFileError(f"{where}: {alias}: format {fmt!r} is not one of {FORMATS}")
     needed = {"path": ["path"], "hub": ["repo"],
               "pypi-wheel": ["requirement", "member", "sha256"]}[kind]
     missing = [k for k in needed if k not in raw]
     if missing:
-        raise ConfigFileError(f"models.toml: {alias}: {kind} source lacks {', '.join(missing)}")
+        raise ConfigFileError(f"{where}: {alias}: {kind} source lacks {', '.join(missing)}")
     return Source(kind=kind, format=fmt, options=raw)
 
 
@@ -91,7 +91,7 @@ def parse_registry(text: str, where: str = "models.toml") -> Registry:
                 or not isinstance(raw.get("cache", {}), dict)):
             raise ConfigFileError(f"{where}: {alias}: 'sources' must be a list of tables "
                                   "([[models.ALIAS.sources]]) and 'cache' a table")
-        sources = tuple(_parse_source(alias, s) for s in sources)
+        sources = tuple(_parse_source(alias, s, where) for s in sources)
         if not sources:
             raise ConfigFileError(f"{where}: {alias} has no sources")
         entries[alias] = ModelEntry(
