@@ -1,9 +1,11 @@
 """Save a conversation's KV cache in its compressed form, and load it back.
 
-One ``.safetensors`` file: every layer's arrays as stored (packed, quantized) plus
-metadata: the format version, the model's identity, the cache config, each layer's
-counters and the token ids the cache holds. A load into another model or with a
-config that does not match is a clear error; a save is atomic (temp file + rename).
+One ``.safetensors`` file: every layer's arrays as stored (packed, quantized), by name
+(``layer.<i>.<name>``), plus metadata: the format version, the model's identity, the
+cache config, each layer's counters and the token ids the cache holds. A load into
+another model or with a config that does not match is a clear error; a save is atomic
+(temp file + rename). Files of mlxkv 0.1 (format ``mlxkv-cache-1``, arrays by position)
+still load.
 """
 
 from __future__ import annotations
@@ -15,21 +17,23 @@ from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
 
-from .cache.base import CompressedCache
 from .cache.config import CacheConfig, make_cache
 from .cache.full import FullCache
 from .errors import CacheFileError
 
-FORMAT = "mlxkv-cache-1"
+FORMAT = "mlxkv-cache-2"
+FORMATS = ("mlxkv-cache-1", FORMAT)  # 1: mlxkv 0.1, a layer's arrays by position
 
 
-def _layer_arrays(c) -> tuple[list[mx.array], list[str]]:
+def _layer_arrays(c) -> tuple[dict, list[str]]:
+    """A layer's arrays by name, and its counters."""
     if isinstance(c, FullCache):
         if c.keys is None:
-            return [], ["0"]
-        return [c.keys[..., : c.offset, :], c.values[..., : c.offset, :]], [str(c.offset)]
-    return list(c.state), list(c.meta_state)
+            return {}, ["0"]
+        return {"keys": c.keys[..., : c.offset, :], "values": c.values[..., : c.offset, :]}, [str(c.offset)]
+    return dict(tree_flatten(c.state)), list(c.meta_state)
 
 
 def save_cache(path: str | Path, cache: list, *, model, config: CacheConfig,
@@ -39,8 +43,8 @@ def save_cache(path: str | Path, cache: list, *, model, config: CacheConfig,
     arrays, metas, classes = {}, [], []
     for i, c in enumerate(cache):
         layer, meta = _layer_arrays(c)
-        for j, a in enumerate(layer):
-            arrays[f"layer.{i}.{j}"] = a
+        for name, a in layer.items():
+            arrays[f"layer.{i}.{name}"] = a
         metas.append(meta)
         classes.append(type(c).__name__)
     metadata = {
@@ -80,7 +84,7 @@ def load_cache(path: str | Path, model) -> tuple[list, CacheConfig, list[int], d
         arrays, meta = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError, OSError) as e:
         raise CacheFileError(f"{path} is not a readable cache file: {e}") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in FORMATS:
         raise CacheFileError(f"{path} is not an mlxkv cache file (format {meta.get('format')!r})")
     try:
         identity = json.loads(meta["model"])
@@ -95,15 +99,19 @@ def load_cache(path: str | Path, model) -> tuple[list, CacheConfig, list[int], d
     cache = make_cache(model, config)
     if [type(c).__name__ for c in cache] != classes:
         raise CacheFileError(f"{path} holds caches {sorted(set(classes))} that do not fit this model")
-    for i, (c, m) in enumerate(zip(cache, metas)):
-        layer = [arrays[f"layer.{i}.{j}"] for j in range(sum(1 for k in arrays if k.startswith(f"layer.{i}.")))]
-        if isinstance(c, FullCache):
-            if layer:
-                c.update_and_fetch(*layer)
-            continue
-        c.state = layer
-        c.meta_state = m
-        if isinstance(c, CompressedCache) and layer and not _consistent(c):
+    by_layer = [{} for _ in cache]
+    for key, a in arrays.items():
+        _, i, name = (key.split(".", 2) + ["", ""])[:3]
+        if not i.isdigit() or int(i) >= len(cache) or not name:
+            raise CacheFileError(f"{path} holds an array {key!r} this model's cache does not have")
+        by_layer[int(i)][name] = a
+    v1 = meta["format"] == "mlxkv-cache-1"
+    for i, (c, m, layer) in enumerate(zip(cache, metas, by_layer)):
+        try:
+            _restore(c, layer, m, v1)
+        except (KeyError, IndexError, ValueError) as e:
+            raise CacheFileError(f"{path}: layer {i}'s arrays are incomplete ({e})") from None
+        if layer and not isinstance(c, FullCache) and not c.layout.consistent():
             raise CacheFileError(f"{path}: layer {i}'s arrays do not match its counters")
     if cache and cache[0].offset != len(tokens):
         raise CacheFileError(f"{path}: the cache holds {cache[0].offset} tokens but "
@@ -111,7 +119,14 @@ def load_cache(path: str | Path, model) -> tuple[list, CacheConfig, list[int], d
     return cache, config, tokens, extra
 
 
-def _consistent(c: CompressedCache) -> bool:
-    """A loaded cache's counters fit inside its arrays."""
-    return (c.n_sinks <= c.sink_k.shape[2] and c.res_len <= c.res_k.shape[2]
-            and c.ring_len <= c._alloc and (c.ring_len == 0 or c.ring_k is not None))
+def _restore(c, layer: dict, meta: list[str], v1: bool) -> None:
+    """Put a layer's saved arrays (by name; by position "0", "1", ... in a 0.1 file) and
+    counters into its fresh cache ``c``."""
+    if v1:
+        layer = [layer[str(j)] for j in range(len(layer))]
+    if isinstance(c, FullCache):
+        if layer:
+            c.update_and_fetch(*(layer if v1 else (layer["keys"], layer["values"])))
+        return
+    c.state = c.v1_state(layer) if v1 else tree_unflatten(list(layer.items()))
+    c.meta_state = meta

@@ -4,6 +4,7 @@ import json
 import os
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import pytest
 
 import mlxkv
@@ -51,7 +52,7 @@ def test_total_bytes_never_exceed_budget(smollm, config, prompt):
     def check():
         st = mlxkv.cache_stats(cache)
         assert st.nbytes <= budget
-        assert st.nbytes == sum(a.nbytes for c in cache for a in c.state)
+        assert st.nbytes == sum(a.nbytes for c in cache for _, a in tree_flatten(c.state))
         assert st.budget <= budget
         for layer in st.layers:
             assert layer.kept + layer.evicted == layer.seen

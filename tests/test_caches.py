@@ -1,6 +1,7 @@
 """mlxkv caches against float32 references and against mlx-lm's own caches."""
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import pytest
 from mlx_lm.models.cache import KVCache
 
@@ -77,7 +78,7 @@ def test_chunked_prefill_attention_with_residual_and_rotation(gqa, D):
     out = cache.attend(q, scale=0.1)
     exact = ref_attention(q, k, v, 0.1, causal(L, T + L))
     assert (mx.linalg.norm(out - exact) / mx.linalg.norm(exact)).item() < 0.02
-    assert cache.offset == T + L and cache.res_len >= 16
+    assert cache.offset == T + L and cache.layout.res_len >= 16
 
 
 def test_window_chunked_equals_token_by_token_and_sinks_stay_visible():
@@ -238,7 +239,7 @@ def test_trim_and_stats_of_quantized_cache():
     cache._commit()
     st = cache.layer_stats()
     assert st.seen == 100 and st.kept_quantized == {4: 64} and st.kept_full == 36
-    assert st.nbytes == cache.nbytes == sum(a.nbytes for a in cache.state)
+    assert st.nbytes == cache.nbytes == sum(a.nbytes for _, a in tree_flatten(cache.state))
     assert cache.trim(40) == 40 and cache.offset == 60
     dk, _ = cache.dequantized()
     assert dk.shape[2] == 60
@@ -264,7 +265,7 @@ def test_default_group_size_fits_the_head_dim(head_dim, group):
     model = tiny_model("llama", head_dim=head_dim)
     config = CacheConfig(key_bits=4, value_bits=4)
     cache = make_cache(model, config)
-    assert cache[0].kc.group == cache[0].vc.group == group
+    assert cache[0].layout.kc.group == cache[0].layout.vc.group == group
     assert f"group {group}" in config.resolve(head_dim).describe()
     assert "group auto" in config.describe()
     logits = model(mx.array([[1, 2, 3, 4, 5]]), cache=cache)
@@ -287,7 +288,7 @@ def test_bench_configs_use_the_models_own_head_dim():
     model = tiny_model("qwen3", head_dim=128)
     factories = cache_factories(model)
     assert factories["mlx-lm Quantized 4-bit"]()[0].group_size == 64
-    assert factories["mlxkv 4-bit"]()[0].kc.group == 64
+    assert factories["mlxkv 4-bit"]()[0].layout.kc.group == 64
 
 
 def test_learned_attention_sinks_are_refused_with_a_way_out():

@@ -40,24 +40,24 @@ def test_invariants_every_policy_and_allocator(policy, allocator):
     cache = make_cache(model, config)
     assert sum(c.budget for c in cache) == budget
     if allocator == "pyramid":
-        assert cache[0].budget > cache[-1].budget and cache[0].capacity > cache[-1].capacity
+        assert cache[0].budget > cache[-1].budget and cache[0].eviction.capacity > cache[-1].eviction.capacity
     for _ in _feed(model, cache, 700, 37):
         stats = mlxkv.cache_stats(cache)
         assert stats.nbytes <= budget and stats.budget == budget
         for c, s in zip(cache, stats.layers):
-            assert s.kept + s.evicted == s.seen and c.n_sinks == 4
+            assert s.kept + s.evicted == s.seen and c.layout.n_sinks == 4
     assert all(s.evicted > 0 for s in stats.layers)
     for c in cache:
         if allocator == "adaptive":  # one pool: heads' shares vary, each in position order
             counts = c.head_counts()
-            assert sum(counts) == c.ring_len == len(counts) * c.capacity
-            assert min(counts) >= int(c.floor * c.capacity)
-            heads, pos = c.slot_head[0, 0], c.slot_pos[0, 0]
+            assert sum(counts) == c.layout.ring_len == len(counts) * c.eviction.capacity
+            assert min(counts) >= int(c.eviction.slots.floor * c.eviction.capacity)
+            heads, pos = c.eviction.head[0, 0], c.eviction.pos[0, 0]
             assert (heads[1:] >= heads[:-1]).all().item() and (pos >= 4).all().item()
             same = heads[1:] == heads[:-1]
             assert mx.all(mx.where(same, pos[1:] > pos[:-1], True)).item()
         elif policy != "window":
-            pos = c.slot_pos[0]
+            pos = c.eviction.pos[0]
             assert (pos >= 4).all().item()  # sinks live apart and are never in the ring
             assert (pos[:, 1:] > pos[:, :-1]).all().item()  # each head in position order
     logits = model(mx.array([[1, 2, 3]]), cache=cache)
@@ -73,12 +73,12 @@ def test_kept_tokens_are_the_top_scoring_ones():
         c.update_and_fetch(keys[:, :, t : t + 1], keys[:, :, t : t + 1])
     norms = mx.linalg.norm(keys, axis=-1)[0]
     for h in range(H):
-        kept = set(c.slot_pos[0, h].tolist())
+        kept = set(c.eviction.pos[0, h].tolist())
         recent = set(range(T - 8, T))
         older = sorted(range(4, T - 8), key=lambda p: norms[h, p].item())
-        assert kept == recent | set(older[: c.capacity - 8])
+        assert kept == recent | set(older[: c.eviction.capacity - 8])
         held = mx.take(keys[0, h], mx.array(sorted(kept)), axis=0)
-        assert mx.allclose(c.ring_k[0][0, h], held).item()
+        assert mx.allclose(c.layout.ring_keys[0][0, h], held).item()
 
 
 def test_attention_scores_come_from_the_attention_itself():
@@ -95,12 +95,12 @@ def test_attention_scores_come_from_the_attention_itself():
     q = mx.random.normal((B, H * rep, 1, D))
     k_new = mx.random.normal((B, H, 1, D))
     c.update_and_fetch(k_new, k_new)
-    ring_keys = c.ring_k[0]
-    all_keys = mx.concatenate([c.sink_k[..., : c.n_sinks, :], ring_keys], axis=2)
+    ring_keys = c.layout.ring_keys[0]
+    all_keys = mx.concatenate([c.layout.sink_keys[..., : c.layout.n_sinks, :], ring_keys], axis=2)
     c.attend(q, scale=D**-0.5)
     ref = mx.softmax((q.reshape(B, H, rep, D) * D**-0.5) @ all_keys.swapaxes(-1, -2), axis=-1)
-    expected = ref[..., c.n_sinks :].sum(axis=2)
-    assert mx.allclose(c.slot_score, expected, atol=1e-5).item()
+    expected = ref[..., c.layout.n_sinks :].sum(axis=2)
+    assert mx.allclose(c.eviction.score, expected, atol=1e-5).item()
 
 
 def test_avg_pool_and_allocator():
@@ -167,7 +167,7 @@ def test_scored_cache_save_load_round_trip(policy, tmp_path):
     loaded, _, _, _ = load_cache(tmp_path / "c.safetensors", model)
     x = mx.array([[5, 6]])
     assert mx.array_equal(model(x, cache=cache), model(x, cache=loaded)).item()
-    assert mx.array_equal(cache[0].slot_score, loaded[0].slot_score).item()
+    assert mx.array_equal(cache[0].eviction.score, loaded[0].eviction.score).item()
 
 
 def test_adaptive_allocation_follows_the_scores_and_attention_is_per_head():
@@ -183,16 +183,16 @@ def test_adaptive_allocation_follows_the_scores_and_attention_is_per_head():
     keys, values = mx.random.normal((B, H, T, D)) * scale, mx.random.normal((B, H, T, D))
     for t in range(T):
         c.update_and_fetch(keys[:, :, t : t + 1], values[:, :, t : t + 1])
-    floor = int(0.25 * c.capacity)
-    assert c.head_counts() == [H * c.capacity - floor, floor]
+    floor = int(0.25 * c.eviction.capacity)
+    assert c.head_counts() == [H * c.eviction.capacity - floor, floor]
     stats = c.layer_stats()
-    assert stats.kept == 4 + c.capacity + c.res_len and stats.kept + stats.evicted == T
+    assert stats.kept == 4 + c.eviction.capacity + c.layout.res_len and stats.kept + stats.evicted == T
     q = mx.random.normal((B, H * rep, 1, D))
     out = c.attend(q, scale=D**-0.5)
-    heads, pos = c.slot_head[0, 0].tolist(), c.slot_pos[0, 0].tolist()
+    heads, pos = c.eviction.head[0, 0].tolist(), c.eviction.pos[0, 0].tolist()
     for h in range(H):
         held = mx.array(list(range(4)) + [p for p, g in zip(pos, heads) if g == h]
-                        + list(range(T - c.res_len, T)))
+                        + list(range(T - c.layout.res_len, T)))
         k, v = keys[0, h][held], values[0, h][held]
         want = mx.softmax(q[0, h * rep : (h + 1) * rep, 0] @ k.T * D**-0.5, axis=-1) @ v
         assert mx.allclose(out[0, h * rep : (h + 1) * rep, 0], want, atol=1e-5).item()

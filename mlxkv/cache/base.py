@@ -1,36 +1,35 @@
-"""The shared machinery of mlxkv's compressed caches.
+"""``CompressedCache``: a layer's KV cache composed of three parts.
 
-A compressed layer cache holds, per kv head:
+- a ``Layout`` (``layout.py``): sinks, a ring of codec slots and a full-precision
+  residual of recent tokens, with named arrays;
+- an eviction strategy (``eviction.py``, ``scored.py``, ``adaptive.py``): which ring slots
+  flushed tokens take and what is evicted to make room;
+- attention over the cache's ``Segment``s (``segments.py``), or the fused Metal kernel for
+  a decode step; ``attend`` is the one place that chooses between them.
 
-    [ sinks | ring of codec slots | residual ]
-      S fp     quantized or fp      R..R+U-1 fp
+The cache itself does the bookkeeping between them: new tokens go to the sinks, then the
+residual; whole flush units leave the residual for the ring. A chunk of L > 1 new tokens
+(chunked prefill) stays pending until its attention is done, and each query sees what it
+would have seen had the tokens come one at a time (a positional ring's ``rule``), so
+memory stays bounded by the cache plus one chunk. Keys may be rotated by a randomized
+Hadamard transform (queries get the same rotation, so scores are unchanged).
 
-- *sinks*: the first S tokens at full precision, never evicted (attention sinks);
-- *ring*: older tokens in the key/value codecs' storage, written U tokens at a time
-  (U = the flush unit); unbounded (grows in steps) or bounded to ``capacity`` tokens,
-  where the newest flushed tokens overwrite the oldest;
-- *residual*: the most recent tokens at full precision. When it reaches R + U tokens,
-  its oldest U tokens are flushed into the ring.
-
-The cache owns attention over this storage (``attend``): keys are scored segment by
-segment straight from their storage (no dequantized copy of the cache), one softmax
-runs over all segments, and the values are summed back the same way. A chunk of L > 1
-new tokens (chunked prefill) stays pending until its attention is done, and each query
-sees exactly what it would have seen had the tokens come one at a time: the sinks plus
-the tokens a bounded ring still held at its position. So chunked and token-by-token
-feeding agree, and memory stays bounded by the cache plus one chunk.
+The cache classes users make (``QuantizedCache``, ``WindowCache``, ``ScoredCache``,
+``AdaptiveScoredCache``) only choose the parts.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+from mlx.utils import tree_unflatten
 
 from ..kernels import QuantizedKV, attention_mass, metal_enabled, sdpa_quantized
 from ..kernels.sdpa_quantized import fused_available
 from ..stats import LayerStats, dtype_name
-from .codec import AffineCodec, FloatCodec
-
-_FLOAT = FloatCodec()
+from .codec import FLOAT
+from .eviction import Eviction
+from .layout import Layout
+from .segments import Segment, attend_segments, dense, visibility
 
 
 def hadamard_signs(dim: int, seed: int) -> mx.array:
@@ -39,54 +38,35 @@ def hadamard_signs(dim: int, seed: int) -> mx.array:
     return mx.where(mx.random.bernoulli(0.5, (dim,), key=key), 1.0, -1.0)
 
 
-def flush_unit(key_codec, value_codec, residual: int) -> int:
-    """Tokens moved from the residual into the ring at a time: a codec's block (a group of
-    tokens for per-channel keys), or a group when there is a residual to flush."""
-    unit = max(key_codec.block, value_codec.block)
-    if unit == 1 and residual > 0:
-        # Flush the residual a group at a time, not a token at a time.
-        unit = max(c.group for c in (key_codec, value_codec) if c.bits is not None)
-    return unit
-
-
 class CompressedCache:
-    """Sinks + ring + residual; see the module docstring. Subclasses choose the layout."""
+    """A ``Layout`` + an ``Eviction`` strategy; see the module docstring."""
 
-    step = 256
-    bounded = False
-    positional = True  # a bounded ring evicts by position (else: by the policy's scores)
+    # Score-matrix elements one block of a multi-token chunk may materialize (16 MB fp32).
+    block_elements = 1 << 22
+    _COUNTERS = ("flushed", "ring_len", "res_len", "n_sinks", "alloc")  # the layout's
 
-    def __init__(self, *, key_codec, value_codec, sinks: int = 0, residual: int = 0,
-                 capacity: int | None = None, start: int = 0, rotate: bool = False,
-                 seed: int = 0, budget: int | None = None):
-        self.kc, self.vc = key_codec, value_codec
-        self.unit = flush_unit(key_codec, value_codec, residual)
+    def __init__(self, *, layout: Layout, eviction: Eviction, start: int = 0,
+                 rotate: bool = False, seed: int = 0, budget: int | None = None):
+        self.layout, self.eviction = layout, eviction
         self.budget = budget  # bytes this layer may take (None: not budgeted)
-        self.sinks = sinks
-        self.residual = residual
-        self.capacity = capacity
-        self.bounded = capacity is not None
-        self.start = start
-        self.rotate = rotate
-        self.seed = seed
-        self.offset = 0        # tokens seen
-        self.flushed = 0       # tokens flushed into the ring so far (incl. those since evicted)
-        self.ring_len = 0      # tokens held in the ring
-        self.res_len = 0       # tokens held in the residual
-        self.n_sinks = 0       # sink tokens held
-        self._alloc = 0        # ring slots allocated
-        self._pending = None   # (keys, values) of a chunk awaiting its attention
-        self.sink_k = self.sink_v = self.res_k = self.res_v = None
-        self.ring_k = self.ring_v = None
+        self.start = start    # tokens seen before the ring is written
+        self.rotate, self.seed = rotate, seed
+        self.offset = 0       # tokens seen
+        self._pending = None  # (keys, values, first position) of a chunk awaiting attention
         self._signs = None
 
     # ----- protocol -----------------------------------------------------------------
+    @property
+    def bounded(self) -> bool:
+        return self.eviction.bounded
+
     def empty(self) -> bool:
-        return self.sink_k is None
+        return self.layout.empty
 
     def size(self) -> int:
         """Tokens held per kv head."""
-        return self.n_sinks + self._ring_tokens() + self.res_len
+        lay = self.layout
+        return lay.n_sinks + self.eviction.tokens_per_head(lay) + lay.res_len
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
         # ``attend`` builds its own mask from token positions.
@@ -99,42 +79,38 @@ class CompressedCache:
         """Drop the newest n tokens (unbounded caches; from the residual, then the ring
         where the key layout is per token). Returns how many were dropped."""
         self._commit()
+        lay = self.layout
         n = min(n, self.offset)
-        take = min(n, self.res_len)
-        self.res_len -= take
+        take = min(n, lay.res_len)
+        lay.res_len -= take
         rest = n - take
-        if rest and self.kc.block == 1 and self.vc.block == 1 and not self.bounded:
-            ring_take = min(rest, self.ring_len)
-            self.ring_len -= ring_take
-            self.flushed -= ring_take
+        if rest and lay.kc.block == 1 and lay.vc.block == 1 and not self.bounded:
+            ring_take = min(rest, lay.ring_len)
+            lay.ring_len -= ring_take
+            lay.flushed -= ring_take
             take += ring_take
         self.offset -= take
         return take
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.sink_k, self.sink_v, self.res_k, self.res_v]
-        arrays += list(self.ring_k or ()) + list(self.ring_v or ())
-        return sum(a.nbytes for a in arrays if a is not None)
-
-    def _ring_tokens(self) -> int:
-        """Tokens each kv head holds in the ring."""
-        return self.ring_len
+        return self.layout.nbytes + self.eviction.nbytes
 
     def layer_stats(self) -> LayerStats:
-        held_full = self.n_sinks + self.res_len
-        ring_bits = self.kc.bits or self.vc.bits
-        ring = self._ring_tokens()
+        lay = self.layout
+        held_full = lay.n_sinks + lay.res_len
+        ring_bits = lay.kc.bits or lay.vc.bits
+        ring = self.eviction.tokens_per_head(lay)
         kept = held_full + ring
-        if self.sink_k is None:
+        if lay.empty:
             return LayerStats(seen=self.offset, kept_full=0, kept_quantized={},
                               evicted=self.offset, nbytes=0, fp16_nbytes=0, used_nbytes=0,
                               dense_nbytes=0)
-        head = self.sink_k.shape[0] * self.sink_k.shape[1] * (self.sink_k.shape[3] + self.sink_v.shape[3])
-        dtype = self.sink_k.dtype
-        full_bytes = sum(a.nbytes for a in (self.sink_k, self.sink_v, self.res_k, self.res_v))
+        B, H, _, Dk = lay.sink_keys.shape
+        head = B * H * (Dk + lay.sink_values.shape[3])
+        dtype = lay.sink_keys.dtype
         # the ring's arrays (and per-slot metadata) in use, in proportion to its filled slots
-        ring_used = (self.nbytes - full_bytes) * self.ring_len // max(self._alloc, 1)
+        ring_used = (self.nbytes - lay.full_nbytes) * lay.ring_len // max(lay.alloc, 1)
         return LayerStats(
             seen=self.offset,
             kept_full=held_full + (0 if ring_bits else ring),
@@ -151,97 +127,15 @@ class CompressedCache:
     def _rot(self, x):
         return mx.hadamard_transform(x * self._signs.astype(x.dtype))
 
-    def _allocate(self, keys, values):
-        B, H, _, Dk = keys.shape
-        Dv = values.shape[3]
-        dt = keys.dtype
-        self.sink_k, self.sink_v = mx.zeros((B, H, self.sinks, Dk), dt), mx.zeros((B, H, self.sinks, Dv), dt)
-        rcap = self.residual + self.unit
-        self.res_k, self.res_v = mx.zeros((B, H, rcap, Dk), dt), mx.zeros((B, H, rcap, Dv), dt)
-        if self.rotate:
-            self._signs = hadamard_signs(Dk, self.seed)
-
-    def _grow_ring(self, needed: int, like_k, like_v):
-        limit = self.capacity if self.bounded else None
-        if needed <= self._alloc:
-            return
-        new = -(-needed // self.step) * self.step
-        new = -(-new // self.unit) * self.unit
-        if limit is not None:
-            new = min(new, limit)
-        B, H, _, Dk = like_k.shape
-        if self.ring_k is None:
-            self.ring_k = self.kc.alloc(B, H, new, Dk, like_k.dtype)
-            self.ring_v = self.vc.alloc(B, H, new, like_v.shape[3], like_v.dtype)
-        else:
-            self.ring_k = self.kc.grow(self.ring_k, new - self._alloc)
-            self.ring_v = self.vc.grow(self.ring_v, new - self._alloc)
-        self._alloc = new
-
-    def _write_ring(self, k, v):
-        """Append n tokens (a multiple of the unit) to the ring, evicting if bounded."""
-        n = k.shape[2]
-        if self.bounded and n > self.capacity:
-            drop = n - self.capacity
-            k, v = k[..., drop:, :], v[..., drop:, :]
-            self.flushed += drop
-            n = self.capacity
-        if not self.bounded:
-            self._grow_ring(self.ring_len + n, k, v)
-            self.kc.write(self.ring_k, self.ring_len, k)
-            self.vc.write(self.ring_v, self.ring_len, v)
-        else:
-            self._grow_ring(min(self.flushed + n, self.capacity), k, v)
-            at = self.flushed % self.capacity
-            first = min(n, self.capacity - at)
-            self.kc.write(self.ring_k, at, k[..., :first, :])
-            self.vc.write(self.ring_v, at, v[..., :first, :])
-            if first < n:
-                self.kc.write(self.ring_k, 0, k[..., first:, :])
-                self.vc.write(self.ring_v, 0, v[..., first:, :])
-        self.flushed += n
-        self.ring_len = min(self.flushed, self.capacity) if self.bounded else self.ring_len + n
-
-    def _commit(self):
-        """Store the pending chunk: sinks first, then residual, flushing whole units."""
-        if self._pending is None:
-            return
-        k, v, p0 = self._pending
-        self._pending = None
-        n_sink = max(0, min(k.shape[2], self.sinks - p0))
-        if n_sink:
-            self.sink_k[..., p0 : p0 + n_sink, :] = k[..., :n_sink, :]
-            self.sink_v[..., p0 : p0 + n_sink, :] = v[..., :n_sink, :]
-            self.n_sinks = p0 + n_sink
-            k, v = k[..., n_sink:, :], v[..., n_sink:, :]
-        if k.shape[2] == 0:
-            return
-        if self.res_len:
-            k = mx.concatenate([self.res_k[..., : self.res_len, :], k], axis=2)
-            v = mx.concatenate([self.res_v[..., : self.res_len, :], v], axis=2)
-        total = k.shape[2]
-        n_flush = 0
-        if self.offset >= self.start:
-            n_flush = max(0, (total - self.residual) // self.unit * self.unit)
-        if n_flush:
-            self._write_ring(k[..., :n_flush, :], v[..., :n_flush, :])
-        tail = total - n_flush
-        if tail > self.res_k.shape[2]:
-            grow = -(-(tail - self.res_k.shape[2]) // self.step) * self.step
-            pad = lambda a: mx.zeros((*a.shape[:2], grow, a.shape[3]), a.dtype)  # noqa: E731
-            self.res_k = mx.concatenate([self.res_k, pad(self.res_k)], axis=2)
-            self.res_v = mx.concatenate([self.res_v, pad(self.res_v)], axis=2)
-        if tail:
-            self.res_k[..., :tail, :] = k[..., n_flush:, :]
-            self.res_v[..., :tail, :] = v[..., n_flush:, :]
-        self.res_len = tail
-
     def update_and_fetch(self, keys, values):
         """Take L new tokens. One token is stored at once; a longer chunk is stored after
         its attention (``attend``), so its queries can still see what it will evict."""
         self._commit()
-        if self.sink_k is None:
-            self._allocate(keys, values)
+        if self.layout.empty:
+            self.eviction.check_batch(keys.shape[0])
+            self.layout.allocate(keys, values)
+            if self.rotate:
+                self._signs = hadamard_signs(keys.shape[3], self.seed)
         if self.rotate:
             keys = self._rot(keys)
         self._pending = (keys, values, self.offset)
@@ -250,229 +144,194 @@ class CompressedCache:
             self._commit()
         return keys, values
 
+    def _commit(self):
+        """Store the pending chunk: sinks first, then residual, flushing whole units."""
+        if self._pending is None:
+            return
+        k, v, p0 = self._pending
+        self._pending = None
+        lay = self.layout
+        n_sink = max(0, min(k.shape[2], lay.sinks - p0))
+        if n_sink:
+            lay.store_sinks(p0, k[..., :n_sink, :], v[..., :n_sink, :])
+            k, v = k[..., n_sink:, :], v[..., n_sink:, :]
+        if k.shape[2] == 0:
+            return
+        if lay.res_len:
+            rk, rv = lay.held_residual()
+            k, v = mx.concatenate([rk, k], axis=2), mx.concatenate([rv, v], axis=2)
+        n_flush = 0
+        if self.offset >= self.start:
+            n_flush = max(0, (k.shape[2] - lay.residual) // lay.unit * lay.unit)
+        if n_flush:
+            self.eviction.write(lay, k[..., :n_flush, :], v[..., :n_flush, :])
+        lay.store_residual(k[..., n_flush:, :], v[..., n_flush:, :])
+
     # ----- attention --------------------------------------------------------------
-    def _lowest_visible(self, pos: mx.array) -> mx.array:
-        """The lowest non-sink position a query at ``pos`` sees (bounded rings)."""
-        seen = pos + 1 - self.sinks
-        flushed = mx.maximum(seen - self.residual, 0) // self.unit * self.unit
-        if self.start:
-            flushed = mx.where(pos + 1 >= self.start, flushed, 0)
-        return self.sinks + mx.maximum(flushed - self.capacity, 0)
-
-    def _ring_positions(self, i: mx.array) -> mx.array:
-        """Token positions of ring slots ``i`` (the slot order a ring is written in)."""
-        if self.bounded:
-            last = self.flushed - 1
-            return self.sinks + last - (last - i) % self.capacity
-        return self.sinks + self.flushed - self.ring_len + i
-
-    def _segments(self, dense_after: mx.array | None = None):
-        """(key codec, key storage, value codec, value storage, positions) per segment.
+    def segments(self, dense_after: mx.array | None = None) -> list[Segment]:
+        """The held tokens as segments: sinks, ring, residual, and a pending chunk.
 
         With ``dense_after`` the ring comes dequantized (for a chunk of queries), computed
         only once that array is: so each layer's transient copy exists while that layer
         runs, not all layers' copies at once when a whole forward pass is evaluated."""
+        lay = self.layout
         segs = []
-        if self.n_sinks:
-            segs.append((_FLOAT, (self.sink_k[..., : self.n_sinks, :],), _FLOAT,
-                         (self.sink_v[..., : self.n_sinks, :],), mx.arange(self.n_sinks)))
-        if self.ring_len:
-            n = self.ring_len
-            i = mx.arange(n)
-            pos = self._ring_positions(i)
-            ks, vs = self.kc.slots(self.ring_k, n), self.vc.slots(self.ring_v, n)
-            if dense_after is not None:
-                ks = tuple(mx.depends(list(ks), [dense_after]))
-                vs = tuple(mx.depends(list(vs), [dense_after]))
-                segs.append((_FLOAT, (self.kc.decode(ks),), _FLOAT, (self.vc.decode(vs),), pos))
-            else:
-                segs.append((self.kc, ks, self.vc, vs, pos))
-        if self.res_len:
-            first = self.sinks + self.flushed
-            segs.append((_FLOAT, (self.res_k[..., : self.res_len, :],), _FLOAT,
-                         (self.res_v[..., : self.res_len, :],),
-                         first + mx.arange(self.res_len)))
+        if lay.n_sinks:
+            n = lay.n_sinks
+            segs.append(Segment(FLOAT, (lay.sink_keys[..., :n, :],), FLOAT,
+                                (lay.sink_values[..., :n, :],), n, mx.arange(n)))
+        ring = self.eviction.ring_segment(lay)
+        if ring is not None and dense_after is not None:
+            ks = tuple(mx.depends(list(ring.keys), [dense_after]))
+            vs = tuple(mx.depends(list(ring.values), [dense_after]))
+            ring = ring._replace(key_codec=FLOAT, keys=(lay.kc.decode(ks),),
+                                 value_codec=FLOAT, values=(lay.vc.decode(vs),))
+        if ring is not None:
+            segs.append(ring)
+        if lay.res_len:
+            rk, rv = lay.held_residual()
+            first = lay.sinks + lay.flushed
+            segs.append(Segment(FLOAT, (rk,), FLOAT, (rv,), lay.res_len,
+                                first + mx.arange(lay.res_len)))
         if self._pending is not None:
             k, v, p0 = self._pending
-            segs.append((_FLOAT, (k,), _FLOAT, (v,), p0 + mx.arange(k.shape[2])))
+            segs.append(Segment(FLOAT, (k,), FLOAT, (v,), k.shape[2], p0 + mx.arange(k.shape[2])))
         return segs
-
-    # Score-matrix elements one block of a multi-token chunk may materialize (16 MB fp32).
-    block_elements = 1 << 22
 
     def attend(self, queries: mx.array, *, scale: float, mask=None) -> mx.array:
         """Attention of ``queries`` (B, n_heads, L, D) over this cache -> (B, n_heads, L, Dv).
 
         ``mask`` from the model is not needed: the cache knows every token's position.
-        One query (decode) is scored straight from the packed storage. A chunk of
-        queries (prefill) dequantizes the ring once for this layer (a transient array,
-        freed after the layer) and is processed in blocks of queries, so its score
-        matrix stays under ``block_elements`` whatever the prompt length.
+        One query (decode) runs the fused Metal kernel where ``_fused_inputs`` allows it,
+        else is scored straight from the packed storage. A chunk of queries (prefill)
+        dequantizes the ring once for this layer (a transient array, freed after the
+        layer) and is processed in blocks of queries, so its score matrix stays under
+        ``block_elements`` whatever the prompt length.
         """
         B, Hq, L, D = queries.shape
-        H = self.sink_k.shape[1]
+        H = self.layout.sink_keys.shape[1]
         rep = Hq // H
         q = self._rot(queries) if self.rotate else queries
-        if L == 1 and metal_enabled():
-            ring = self._quantized_ring()
-            if ring is not None:
-                fk, fv = self._float_part()
-                if fused_available(ring, q, fk, fv):
-                    return self._attend_fused(q, scale, ring, fk, fv)
-        q = (q * scale).reshape(B, H, rep, L, D)
-        segs = self._segments(dense_after=q if L > 1 else None)
         if L == 1:
-            out = self._attend_block(q.reshape(B, H, rep, D), segs, None, (0, 1, 1))
+            fused = self._fused_inputs(q)
+            if fused is not None:
+                return self._attend_fused(q, scale, *fused)
+        q = (q * scale).reshape(B, H, rep, L, D)
+        segs = self.segments(dense_after=q if L > 1 else None)
+        if L == 1:
+            out = attend_segments(q.reshape(B, H, rep, D), segs, None, self._observer((0, 1, 1)))
             return out.reshape(B, Hq, 1, -1)
-        kpos = mx.concatenate([p for *_, p in segs])[None, :]
-        T = kpos.shape[1]
+        T = sum(s.length for s in segs)
         step = max(1, self.block_elements // (B * H * rep * T))
+        rule = self.eviction.rule(self.layout)
         outs = []
         for i in range(0, L, step):
             qpos = self.offset - L + mx.arange(i, min(i + step, L))[:, None]
-            visible = kpos <= qpos
-            if self.bounded and self.positional:
-                visible = visible & ((kpos < self.sinks) | (kpos >= self._lowest_visible(qpos)))
             qb = q[:, :, :, i : i + step]
             n = qb.shape[3]
-            o = self._attend_block(qb.reshape(B, H, rep * n, D), segs, visible, (i, n, L))
+            o = attend_segments(qb.reshape(B, H, rep * n, D), segs, visibility(segs, qpos, rule),
+                                self._observer((i, n, L)))
             outs.append(o.reshape(B, H, rep, n, -1))
         self._commit()
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
+        statistics = self.eviction.statistics()
+        if statistics:
+            # A prompt chunk: settle this layer's statistics now. Left lazy until the whole
+            # forward pass is evaluated, every layer's chunk attention probabilities (about
+            # 19 MB a layer for 512 queries over 1k tokens on the default model) would be
+            # alive at once, doubling the process for a cache of a few MB.
+            mx.eval(out, statistics)
         return out.reshape(B, Hq, L, -1)
 
-    # ----- the fused Metal path (decode) ---------------------------------------------
-    def _quantized_ring(self) -> QuantizedKV | None:
-        """The ring as the fused kernel reads it, when both codecs are quantized."""
-        kc, vc = self.kc, self.vc
-        if not (isinstance(kc, AffineCodec) and isinstance(vc, AffineCodec)) or not self.ring_len:
+    # ----- learning from attention --------------------------------------------------
+    def _observer(self, queries: tuple[int, int, int]):
+        """What to do with the probabilities (B, H, rep * n, T) of queries
+        ``first .. first + n`` of a chunk of L (``queries``): hand the mass of the rows the
+        eviction strategy observes to it, or nothing (None)."""
+        rows = self.eviction.observed_rows(queries)
+        if rows is None:
             return None
-        return QuantizedKV(keys=self.ring_k, values=self.ring_v, length=self.ring_len,
+        n = queries[1]
+
+        def observe(probs):
+            B, H, M, T = probs.shape
+            p = probs.reshape(B, H, M // n, n, T)[:, :, :, rows[0] : rows[1]]
+            self._observe_mass(p.sum(axis=(2, 3)))
+
+        return observe
+
+    def _observe_mass(self, mass: mx.array) -> None:
+        first = self._pending[2] if self._pending is not None else self.offset
+        self.eviction.observe(self.layout, mass, first)
+
+    # ----- the fused Metal path (decode) ---------------------------------------------
+    def _fused_inputs(self, q: mx.array):
+        """(ring, float keys, float values) for the fused decode kernel, or None: Metal is
+        on, the ring is in codecs the kernel reads, each kv head has its own ring (not a
+        shared pool), and the kernel supports the shapes. The one place that decides."""
+        lay = self.layout
+        if not (metal_enabled() and lay.ring_len and lay.kc.fusable and lay.vc.fusable
+                and not self.eviction.shared_slots):
+            return None
+        kc, vc = lay.kc, lay.vc
+        ring = QuantizedKV(keys=lay.ring_keys, values=lay.ring_values, length=lay.ring_len,
                            key_bits=kc.bits, key_group=kc.group, value_bits=vc.bits,
                            value_group=vc.group, key_mode=kc.axis)
-
-    def _float_part(self):
-        """Sinks then residual (B, H, n, D): the full-precision tokens after a decode step."""
-        ks = [self.sink_k[..., : self.n_sinks, :], self.res_k[..., : self.res_len, :]]
-        vs = [self.sink_v[..., : self.n_sinks, :], self.res_v[..., : self.res_len, :]]
-        return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
+        fk, fv = lay.float_part()
+        return (ring, fk, fv) if fused_available(ring, q, fk, fv) else None
 
     def _attend_fused(self, q, scale, ring, fk, fv):
         """One decode query over the packed ring and the float tokens in one kernel; a
-        cache that learns from attention gets each token's mass from the same call."""
-        rows = self._observed_rows((0, 1, 1))
+        strategy that learns from attention gets each token's mass from the same call."""
+        rows = self.eviction.observed_rows((0, 1, 1))
         if rows is None:
             return sdpa_quantized(q, scale=scale, ring=ring, float_keys=fk, float_values=fv)
         out, scores, lse = sdpa_quantized(q, scale=scale, ring=ring, float_keys=fk,
                                           float_values=fv, stats=True)
         mass = attention_mass(scores, lse, kv_heads=fk.shape[1], rows=rows)
-        nq, ns = ring.length, self.n_sinks
+        nq, ns = ring.length, self.layout.n_sinks
         # kernel order (ring, sinks, residual) -> segment order (sinks, ring, residual)
         mass = mx.concatenate([mass[..., nq : nq + ns], mass[..., :nq], mass[..., nq + ns :]], -1)
-        self._observe_mass(mass, (0, 1, 1))
-        return out
-
-    def _ring_head_mask(self) -> mx.array | None:
-        """(H, ring_len) bool: which ring slots each kv head may attend to, for caches
-        whose heads share one pool of slots (None: each head has its own ring)."""
-        return None
-
-    def _observed_rows(self, queries: tuple[int, int, int]) -> tuple[int, int] | None:
-        """Which rows of queries ``first .. first + n`` of a chunk of L (``queries`` =
-        (first, n, L)) this cache learns from, as a (start, stop) range, or None. The
-        base cache learns from none; scored caches ask their policy."""
-        return None
-
-    def _observe_mass(self, mass: mx.array, queries: tuple[int, int, int]) -> None:
-        """Attention mass (B, H, T) the observed rows gave each held token, summed over
-        rows and the query heads of each kv head, in segment order (sinks, ring,
-        residual, chunk)."""
-
-    def _observe(self, probs: mx.array, queries: tuple[int, int, int]) -> None:
-        """Attention probabilities (B, H, rep * n, T) of a block of queries."""
-        rows = self._observed_rows(queries)
-        if rows is None:
-            return
-        n = queries[1]
-        B, H, M, T = probs.shape
-        p = probs.reshape(B, H, M // n, n, T)[:, :, :, rows[0] : rows[1]]
-        self._observe_mass(p.sum(axis=(2, 3)), queries)
-
-    def _attend_block(self, q, segs, visible, queries):
-        """q (B, H, M, D), M = rep * n rows; visible (n, T) or None."""
-        parts = [kc.scores(q, ks) for kc, ks, _, _, _ in segs]
-        scores = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
-        heads = self._ring_head_mask()
-        if heads is not None:
-            H, T = heads.shape[0], scores.shape[-1]
-            rest = T - self.n_sinks - heads.shape[1]
-            mask = mx.concatenate([mx.ones((H, self.n_sinks), mx.bool_), heads,
-                                   mx.ones((H, rest), mx.bool_)], axis=1)
-            scores = mx.where(mask[None, :, None, :], scores, mx.finfo(scores.dtype).min)
-        if visible is not None:
-            B, H, M, T = scores.shape
-            n = visible.shape[0]
-            scores = mx.where(visible, scores.reshape(B, H, M // n, n, T),
-                              mx.finfo(scores.dtype).min).reshape(B, H, M, T)
-        probs = mx.softmax(scores.astype(mx.float32), axis=-1, precise=True)
-        self._observe(probs, queries)
-        probs = probs.astype(q.dtype)
-        out, at = None, 0
-        for _, _, vc, vs, pos in segs:
-            n = pos.shape[0]
-            part = vc.weighted(probs[..., at : at + n] if len(segs) > 1 else probs, vs)
-            out = part if out is None else out + part
-            at += n
+        self._observe_mass(mass)
         return out
 
     # ----- persistence --------------------------------------------------------------
-    _COUNTERS = ("offset", "flushed", "ring_len", "res_len", "n_sinks", "_alloc")
-
     @property
-    def state(self):
-        """The cache's arrays: sinks, residual, then the key and value ring storage."""
+    def state(self) -> dict:
+        """The cache's arrays by name: the layout's, then the eviction strategy's."""
         self._commit()
-        if self.sink_k is None:
-            return []
-        return [self.sink_k, self.sink_v, self.res_k, self.res_v,
-                *(self.ring_k or ()), *(self.ring_v or ())]
+        if self.layout.empty:
+            return {}
+        return {**self.layout.arrays(), **self.eviction.arrays(self.layout, self.offset)}
 
     @state.setter
-    def state(self, arrays):
+    def state(self, arrays: dict):
         self._pending = None
         if not arrays:
-            self.sink_k = self.sink_v = self.res_k = self.res_v = self.ring_k = self.ring_v = None
+            self.layout.clear()
             return
-        self.sink_k, self.sink_v, self.res_k, self.res_v, *ring = arrays
-        half = len(ring) // 2
-        self.ring_k = tuple(ring[:half]) or None
-        self.ring_v = tuple(ring[half:]) or None
+        self.layout.set_arrays(arrays)
+        self.eviction.set_arrays(arrays)
         if self.rotate:
-            self._signs = hadamard_signs(self.sink_k.shape[3], self.seed)
+            self._signs = hadamard_signs(self.layout.sink_keys.shape[3], self.seed)
+
+    def v1_state(self, arrays: list) -> dict:
+        """Arrays as mlxkv 0.1 saved them (a list, by position) -> ``state`` by name."""
+        names = self.layout.v1_names() + self.eviction.v1_names()
+        return tree_unflatten(list(zip(names, arrays)))
 
     @property
     def meta_state(self):
-        return tuple(str(getattr(self, name)) for name in self._COUNTERS)
+        return (str(self.offset), *(str(getattr(self.layout, n)) for n in self._COUNTERS))
 
     @meta_state.setter
     def meta_state(self, values):
-        for name, value in zip(self._COUNTERS, values):
-            setattr(self, name, int(value))
+        self.offset = int(values[0])
+        for name, value in zip(self._COUNTERS, values[1:]):
+            setattr(self.layout, name, int(value))
 
     def dequantized(self):
         """(keys, values) of every held token at full precision, in position order
         (for tests and references; attention never builds this)."""
         self._commit()
-        ks, vs, ps = [], [], []
-        for kc, kst, vc, vst, pos in self._segments():
-            ks.append(kc.decode(kst))
-            vs.append(vc.decode(vst))
-            ps.append(pos)
-        order = mx.argsort(mx.concatenate(ps))
-        k = mx.take(mx.concatenate(ks, axis=2), order, axis=2)
-        v = mx.take(mx.concatenate(vs, axis=2), order, axis=2)
-        return k, v
-
-
-def make_codec(bits: int | None, group_size: int, axis: str = "token"):
-    return _FLOAT if bits is None else AffineCodec(bits=bits, group=group_size, axis=axis)
+        return dense(self.segments())

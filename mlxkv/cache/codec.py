@@ -37,6 +37,7 @@ class FloatCodec:
     bits = None
     block = 1
     parts = 1  # arrays in the storage of a run of slots
+    fusable = False  # the fused decode kernel reads it (as its ring)
 
     def alloc(self, B, H, n, D, dtype):
         return (mx.zeros((B, H, n, D), dtype),)
@@ -71,6 +72,7 @@ class AffineCodec:
     group: int
     axis: str = "token"  # "token" or "channel"
     parts = 3  # packed values, scales, biases
+    fusable = True
 
     @property
     def block(self) -> int:
@@ -132,3 +134,11 @@ class AffineCodec:
     def decode(self, state):
         x = mx.dequantize(*state, group_size=self.group, bits=self.bits)
         return x if self.axis == "token" else x.swapaxes(-1, -2)
+
+
+FLOAT = FloatCodec()
+
+
+def make_codec(bits: int | None, group_size: int, axis: str = "token"):
+    """Full precision without bits, else affine ``bits``-bit groups of ``group_size``."""
+    return FLOAT if bits is None else AffineCodec(bits=bits, group=group_size, axis=axis)

@@ -11,8 +11,8 @@ from ..budget import format_bytes, parse_bytes, token_bytes
 from ..errors import InputError
 from ..kernels import kernel_mode
 from ..policies import known_policies, make_policy
-from .base import flush_unit, make_codec
-from .codec import BITS, GROUP_SIZES, default_group
+from .layout import flush_unit
+from .codec import BITS, GROUP_SIZES, default_group, make_codec
 from .full import FullCache
 from .quantized import QuantizedCache
 from .adaptive import AdaptiveScoredCache

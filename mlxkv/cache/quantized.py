@@ -4,15 +4,17 @@ optional randomized Hadamard rotation of the keys. It grows with the conversatio
 
 from __future__ import annotations
 
-from .base import CompressedCache, make_codec
+from .base import CompressedCache
+from .codec import make_codec
+from .eviction import Append
+from .layout import Layout
 
 
 class QuantizedCache(CompressedCache):
     def __init__(self, *, key_bits: int = 4, value_bits: int = 4, group_size: int = 64,
                  key_mode: str = "token", residual: int = 0, rotate: bool = False,
                  start: int = 0, seed: int = 0):
-        super().__init__(
-            key_codec=make_codec(key_bits, group_size, key_mode),
-            value_codec=make_codec(value_bits, group_size, "token"),
-            residual=residual, start=start, rotate=rotate, seed=seed,
-        )
+        layout = Layout(key_codec=make_codec(key_bits, group_size, key_mode),
+                        value_codec=make_codec(value_bits, group_size, "token"),
+                        residual=residual)
+        super().__init__(layout=layout, eviction=Append(), start=start, rotate=rotate, seed=seed)

@@ -13,6 +13,9 @@ it gives the tokens still in the residual (or the chunk being prefilled) accumul
 they enter the ring. A prefill chunk attends to everything the cache holds plus itself,
 and eviction happens when the chunk is stored (as in SnapKV), so chunked and
 token-by-token feeding differ here, unlike with the positional window.
+
+How slots are grouped is a part of its own: ``PerHead`` here (each kv head its own
+``capacity`` slots), or a pool shared by a layer's heads (``adaptive.SharedPool``, AdaKV).
 """
 
 from __future__ import annotations
@@ -20,120 +23,172 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..policies import Policy
-from .window import WindowCache
+from .base import CompressedCache
+from .eviction import Eviction
+from .layout import Layout
+from .window import window_layout
 
 
-class ScoredCache(WindowCache):
-    positional = False
+class PerHead:
+    """Each kv head keeps its own ``capacity`` slots, in position order."""
 
-    def __init__(self, *, policy: Policy, recent: int = 32, **window_args):
-        super().__init__(**window_args)
-        self.recent = min(recent, self.capacity)  # the newest tokens are never evicted
-        if self.kc.block != 1:
-            raise ValueError("a scored cache stores keys per token")
-        self.policy = policy
-        self.slot_score = None  # (B, H, ring_len) float32
-        self.slot_pos = None    # (B, H, ring_len) int32
-        self._tail_mass = None  # (B, H, t): attention to the tokens not yet in the ring
+    shared = False
+    names = ()  # arrays of its own (none)
 
-    @property
-    def nbytes(self) -> int:
-        extra = sum(a.nbytes for a in (self.slot_score, self.slot_pos) if a is not None)
-        return super().nbytes + extra
+    def check_batch(self, batch: int) -> None:
+        pass
 
-    def _ring_positions(self, i):
-        # Every ring token precedes every query of a chunk; per-head positions differ, so
-        # the causal mask gets a position below all queries instead.
-        return mx.full(i.shape, self.sinks, mx.int32)
+    def arrange(self, keys, values, score, pos):
+        """Entering tokens as slots: (keys, values, score, pos, head ids or None)."""
+        return keys, values, score, pos, None
 
-    # ----- statistics from attention --------------------------------------------------
-    def _observed_rows(self, queries):
-        if not self.policy.needs_attention:
-            return None
-        return self.policy.observed_queries(*queries)
+    def slots(self, capacity: int, heads: int) -> int:
+        return capacity
 
-    def _observe_mass(self, mass, queries):
-        at = self.n_sinks
-        if self.ring_len:
-            ring = self._ring_mass(mass[..., at : at + self.ring_len])
-            self.slot_score = self.policy.observe(self.slot_score, ring)
-            at += self.ring_len
-        tail = mass[..., at:]
-        p0 = self._pending[2] if self._pending is not None else self.offset
-        tail = tail[..., max(0, self.sinks - p0) :]  # drop columns of future sinks
-        old = self._tail(tail.shape[-1])
-        self._tail_mass = self.policy.observe(old, tail)
+    def select(self, rank: mx.array, head, keep: int, capacity: int) -> mx.array:
+        """Indices of the ``keep`` slots to keep (in any order)."""
+        return mx.argpartition(-rank, kth=keep - 1, axis=-1)[..., :keep]
 
-    def _ring_mass(self, mass: mx.array) -> mx.array:
-        """The mass of the ring slots, shaped like ``slot_score``."""
+    def order(self, pos: mx.array, head) -> mx.array:
+        """The key kept slots are sorted by."""
+        return pos
+
+    def ring_mass(self, mass: mx.array) -> mx.array:
+        """The attention mass of the ring slots, shaped like the slot scores."""
         return mass
 
-    def _tail(self, length: int) -> mx.array:
+    def head_mask(self, head, heads: int):
+        return None
+
+    def tokens_per_head(self, ring_len: int, heads: int) -> int:
+        return ring_len
+
+
+class Scored(Eviction):
+    """Keep the top-scoring tokens by ``policy`` (and the ``recent`` newest), in slots
+    grouped by ``slots`` (``PerHead`` or a shared pool)."""
+
+    bounded = True
+
+    def __init__(self, policy: Policy, capacity: int, recent: int, slots=None):
+        self.policy, self.capacity = policy, capacity
+        self.recent = min(recent, capacity)  # the newest tokens are never evicted
+        self.slots = slots or PerHead()
+        self.shared_slots = self.slots.shared
+        self.score = None  # (B, H, ring_len) float32 (B, 1, N for a shared pool)
+        self.pos = None    # int32, like score
+        self.head = None   # int32, like score: each slot's kv head (shared pool only)
+        self.tail = None   # (B, H, t): attention to the tokens not yet in the ring
+
+    def check_batch(self, batch: int) -> None:
+        self.slots.check_batch(batch)
+
+    def _tail(self, B: int, H: int, length: int) -> mx.array:
         """The accumulated tail statistics, padded with zeros to ``length`` tokens."""
-        B, H = self.sink_k.shape[:2]
-        if self._tail_mass is None:
+        if self.tail is None:
             return mx.zeros((B, H, length), mx.float32)
-        have = self._tail_mass.shape[-1]
+        have = self.tail.shape[-1]
         if have >= length:
-            return self._tail_mass[..., :length]
-        return mx.concatenate([self._tail_mass, mx.zeros((B, H, length - have), mx.float32)], -1)
+            return self.tail[..., :length]
+        return mx.concatenate([self.tail, mx.zeros((B, H, length - have), mx.float32)], -1)
 
-    def attend(self, queries, *, scale: float, mask=None):
-        out = super().attend(queries, scale=scale, mask=mask)
-        if queries.shape[2] > 1 and self.policy.needs_attention:
-            # A prompt chunk: settle this layer's statistics now. Left lazy until the whole
-            # forward pass is evaluated, every layer's chunk attention probabilities (about
-            # 19 MB a layer for 512 queries over 1k tokens on the default model) would be
-            # alive at once, doubling the process for a cache of a few MB.
-            mx.eval(out, [a for a in (self.slot_score, self._tail_mass) if a is not None])
-        return out
-
-    # ----- eviction -------------------------------------------------------------------
-    def _write_ring(self, k, v):
-        n = k.shape[2]
-        pos = self.sinks + self.flushed + mx.arange(n)
-        tail = self._tail(max(n, 0 if self._tail_mass is None else self._tail_mass.shape[-1]))
-        score = self.policy.enter(k, pos) + tail[..., :n]
-        self._tail_mass = tail[..., n:]
-        B, H = k.shape[:2]
+    def write(self, layout: Layout, keys: mx.array, values: mx.array) -> None:
+        B, H, n, _ = keys.shape
+        pos = layout.sinks + layout.flushed + mx.arange(n)
+        tail = self._tail(B, H, max(n, 0 if self.tail is None else self.tail.shape[-1]))
+        score = self.policy.enter(keys, pos) + tail[..., :n]
+        self.tail = tail[..., n:]
         pos = mx.broadcast_to(pos.astype(mx.int32), (B, H, n))
-        new_k, new_v = self.kc.encode(k), self.vc.encode(v)
-        if self.ring_len:
-            new_k = tuple(mx.concatenate([a, b], axis=2)
-                          for a, b in zip(self.kc.slots(self.ring_k, self.ring_len), new_k))
-            new_v = tuple(mx.concatenate([a, b], axis=2)
-                          for a, b in zip(self.vc.slots(self.ring_v, self.ring_len), new_v))
-            score = mx.concatenate([self.slot_score, score], axis=-1)
-            pos = mx.concatenate([self.slot_pos, pos], axis=-1)
+        keys, values, score, pos, head = self.slots.arrange(keys, values, score, pos)
+        new_k, new_v = layout.kc.encode(keys), layout.vc.encode(values)
+        if layout.ring_len:
+            join = lambda a, b: mx.concatenate([a, b], axis=2)  # noqa: E731
+            held_k, held_v = layout.ring_slots()
+            new_k, new_v = tuple(map(join, held_k, new_k)), tuple(map(join, held_v, new_v))
+            score = mx.concatenate([self.score, score], axis=-1)
+            pos = mx.concatenate([self.pos, pos], axis=-1)
+            head = None if head is None else mx.concatenate([self.head, head], axis=-1)
         total = pos.shape[-1]
-        if total > self.capacity:
-            newest = self.sinks + self.flushed + n - 1
+        room = self.slots.slots(self.capacity, H)
+        if total > room:
+            newest = layout.sinks + layout.flushed + n - 1
             rank = mx.where(pos > newest - self.recent, mx.inf, score)  # recent: always kept
-            keep = mx.argpartition(-rank, kth=self.capacity - 1, axis=-1)[..., : self.capacity]
-            keep = mx.take_along_axis(keep, mx.argsort(mx.take_along_axis(pos, keep, -1), -1), -1)
+            keep = self.slots.select(rank, head, room, self.capacity)
+            order = self.slots.order(pos, head)
+            keep = mx.take_along_axis(keep, mx.argsort(mx.take_along_axis(order, keep, -1), -1), -1)
             pick = lambda a: mx.take_along_axis(  # noqa: E731
                 a, mx.broadcast_to(keep[..., None], (*keep.shape, a.shape[-1])), axis=2)
             new_k, new_v = tuple(map(pick, new_k)), tuple(map(pick, new_v))
             score, pos = mx.take_along_axis(score, keep, -1), mx.take_along_axis(pos, keep, -1)
-            total = self.capacity
-        self.ring_k, self.ring_v = new_k, new_v
-        self.slot_score, self.slot_pos = score, pos
-        self._alloc = total
-        self.flushed += n
-        self.ring_len = total
+            head = None if head is None else mx.take_along_axis(head, keep, -1)
+            total = room
+        layout.set_ring(new_k, new_v, total)
+        self.score, self.pos, self.head = score, pos, head
+        layout.flushed += n
+
+    def positions(self, layout):
+        return None  # per head (``pos``), each head's slots in position order
+
+    def heads(self, layout):
+        return self.slots.head_mask(self.head, layout.sink_keys.shape[1])
+
+    def tokens_per_head(self, layout):
+        return 0 if layout.empty else self.slots.tokens_per_head(layout.ring_len, layout.sink_keys.shape[1])
+
+    # ----- statistics from attention --------------------------------------------------
+    def observed_rows(self, queries):
+        if not self.policy.needs_attention:
+            return None
+        return self.policy.observed_queries(*queries)
+
+    def observe(self, layout, mass, first):
+        at = layout.n_sinks
+        if layout.ring_len:
+            ring = self.slots.ring_mass(mass[..., at : at + layout.ring_len])
+            self.score = self.policy.observe(self.score, ring)
+            at += layout.ring_len
+        tail = mass[..., at:]
+        tail = tail[..., max(0, layout.sinks - first) :]  # drop columns of future sinks
+        self.tail = self.policy.observe(self._tail(*mass.shape[:2], tail.shape[-1]), tail)
+
+    def statistics(self) -> list[mx.array]:
+        """What attention has taught it so far (to evaluate after a prompt chunk)."""
+        if not self.policy.needs_attention:
+            return []
+        return [a for a in (self.score, self.tail) if a is not None]
 
     # ----- persistence ----------------------------------------------------------------
-    @property
-    def state(self):
-        arrays = super().state
-        if arrays and self.slot_score is not None:
-            tail = self._tail(self.offset - self.sinks - self.flushed if self.offset > self.sinks else 0)
-            arrays = arrays + [self.slot_score, self.slot_pos, tail]
-        return arrays
+    def arrays(self, layout, offset):
+        if self.score is None:
+            return {}
+        B, H = layout.sink_keys.shape[:2]
+        pending = offset - layout.sinks - layout.flushed if offset > layout.sinks else 0
+        out = {"slot_score": self.score, "slot_pos": self.pos, "tail": self._tail(B, H, pending)}
+        if self.head is not None:
+            out["slot_head"] = self.head
+        return out
 
-    @state.setter
-    def state(self, arrays):
-        with_ring = 4 + self.kc.parts + self.vc.parts
-        if len(arrays) == with_ring + 3:
-            *arrays, self.slot_score, self.slot_pos, self._tail_mass = arrays
-        WindowCache.state.fset(self, arrays)
+    def set_arrays(self, arrays):
+        self.score, self.pos = arrays.get("slot_score"), arrays.get("slot_pos")
+        self.tail, self.head = arrays.get("tail"), arrays.get("slot_head")
+
+    def v1_names(self):
+        return ["slot_score", "slot_pos", "tail", *self.slots.names]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.score, self.pos, self.head) if a is not None)
+
+
+class ScoredCache(CompressedCache):
+    """A window (``window.window_layout``) whose ring keeps the top-scoring tokens of
+    ``policy``, per kv head or in the pool ``slots`` gives."""
+
+    def __init__(self, *, policy: Policy, recent: int = 32, slots=None, rotate: bool = False,
+                 seed: int = 0, budget: int | None = None, **window):
+        layout, capacity = window_layout(**window)
+        if layout.kc.block != 1:
+            raise ValueError("a scored cache stores keys per token")
+        super().__init__(layout=layout, eviction=Scored(policy, capacity, recent, slots),
+                         rotate=rotate, seed=seed, budget=budget)
+        self.window = window["window"]

@@ -8,18 +8,27 @@ kept in whole flush units, so it holds between ``window`` and ``window + unit - 
 
 from __future__ import annotations
 
-from .base import CompressedCache, make_codec
+from .base import CompressedCache
+from .codec import make_codec
+from .eviction import Positional
+from .layout import Layout
+
+
+def window_layout(*, window: int, sinks: int = 4, key_bits: int | None = None,
+                  value_bits: int | None = None, group_size: int = 64, key_mode: str = "token",
+                  residual: int = 0) -> tuple[Layout, int]:
+    """The layout of a window of ``window`` tokens, and its ring's capacity (whole units)."""
+    layout = Layout(key_codec=make_codec(key_bits, group_size, key_mode),
+                    value_codec=make_codec(value_bits, group_size, "token"),
+                    sinks=sinks, residual=residual)
+    ring = max(window - residual, layout.unit)
+    return layout, -(-ring // layout.unit) * layout.unit
 
 
 class WindowCache(CompressedCache):
-    def __init__(self, *, window: int, sinks: int = 4, key_bits: int | None = None,
-                 value_bits: int | None = None, group_size: int = 64, key_mode: str = "token",
-                 residual: int = 0, rotate: bool = False, seed: int = 0,
-                 budget: int | None = None):
-        kc = make_codec(key_bits, group_size, key_mode)
-        vc = make_codec(value_bits, group_size, "token")
-        super().__init__(key_codec=kc, value_codec=vc, sinks=sinks, residual=residual,
-                         capacity=1, rotate=rotate, seed=seed, budget=budget)
-        ring = max(window - residual, self.unit)
-        self.capacity = -(-ring // self.unit) * self.unit
-        self.window = window
+    def __init__(self, *, rotate: bool = False, seed: int = 0, budget: int | None = None,
+                 **window):
+        layout, capacity = window_layout(**window)
+        super().__init__(layout=layout, eviction=Positional(capacity), rotate=rotate, seed=seed,
+                         budget=budget)
+        self.window = window["window"]

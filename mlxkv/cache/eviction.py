@@ -1,0 +1,135 @@
+"""Eviction strategies: which ring slots flushed tokens go to, and what makes room.
+
+A strategy is the one part of a compressed cache that differs between a growing cache,
+a streaming window and a budget that evicts by scores. The cache (``base``) hands it
+the tokens it flushes from the residual and asks it for the ring as a ``Segment``.
+
+- ``Append``: the ring grows (``QuantizedCache``); nothing is evicted.
+- ``Positional``: a ring of ``capacity`` slots where the newest tokens overwrite the
+  oldest (``WindowCache``, a budget with the ``window`` policy).
+- ``Scored`` (``scored.py``): the top-scoring tokens by a policy, per kv head or in a
+  pool of slots shared by a layer's heads (``adaptive.py``).
+
+The protocol (the base class below does the no-op parts):
+``write(layout, keys, values)``, ``ring_segment(layout)``, ``rule(layout)`` (an extra
+visibility rule for chunked prefill, or None), ``tokens_per_head(layout)``,
+``observed_rows(queries)``/``observe(layout, mass, first)`` (learning from attention),
+``arrays(layout, offset)``/``set_arrays(arrays)`` (named state) and ``nbytes``.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .layout import Layout
+from .segments import Segment
+
+
+class Eviction:
+    bounded = False
+    capacity: int | None = None
+    shared_slots = False  # slots pooled across a layer's kv heads (no per-head ring)
+
+    def check_batch(self, batch: int) -> None:
+        """Called with the batch size of the first tokens (a strategy may refuse it)."""
+
+    def positions(self, layout: Layout) -> mx.array | None:
+        """Token positions of the ring's slots, in slot order."""
+        raise NotImplementedError
+
+    def heads(self, layout: Layout) -> mx.array | None:
+        return None
+
+    def ring_segment(self, layout: Layout) -> Segment | None:
+        if not layout.ring_len:
+            return None
+        ks, vs = layout.ring_slots()
+        return Segment(layout.kc, ks, layout.vc, vs, layout.ring_len,
+                       self.positions(layout), self.heads(layout))
+
+    def rule(self, layout: Layout):
+        return None
+
+    def tokens_per_head(self, layout: Layout) -> int:
+        return layout.ring_len
+
+    def observed_rows(self, queries: tuple[int, int, int]) -> tuple[int, int] | None:
+        """Which rows of queries ``first .. first + n`` of a chunk of L (``queries`` =
+        (first, n, L)) this strategy learns from, as a (start, stop) range, or None."""
+        return None
+
+    def observe(self, layout: Layout, mass: mx.array, first: int) -> None:
+        """Attention mass (B, H, T) the observed rows gave each held token, in segment
+        order (sinks, ring, residual, chunk); ``first``: position of the chunk's first token."""
+
+    def statistics(self) -> list[mx.array]:
+        """What attention has taught it so far (evaluated after each prompt chunk)."""
+        return []
+
+    def arrays(self, layout: Layout, offset: int) -> dict:
+        return {}
+
+    def set_arrays(self, arrays: dict) -> None:
+        pass
+
+    def v1_names(self) -> list[str]:
+        return []
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+
+class Append(Eviction):
+    """The ring grows by steps; nothing is evicted."""
+
+    def write(self, layout: Layout, keys: mx.array, values: mx.array) -> None:
+        n = keys.shape[2]
+        layout.reserve_ring(layout.ring_len + n, keys, values)
+        layout.write_ring(layout.ring_len, keys, values)
+        layout.flushed += n
+        layout.ring_len += n
+
+    def positions(self, layout):
+        return layout.sinks + layout.flushed - layout.ring_len + mx.arange(layout.ring_len)
+
+
+class Positional(Eviction):
+    """A ring of ``capacity`` slots written in turn: the newest overwrite the oldest."""
+
+    bounded = True
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+
+    def write(self, layout: Layout, keys: mx.array, values: mx.array) -> None:
+        n, cap = keys.shape[2], self.capacity
+        if n > cap:
+            drop = n - cap
+            keys, values = keys[..., drop:, :], values[..., drop:, :]
+            layout.flushed += drop
+            n = cap
+        layout.reserve_ring(min(layout.flushed + n, cap), keys, values, limit=cap)
+        at = layout.flushed % cap
+        first = min(n, cap - at)
+        layout.write_ring(at, keys[..., :first, :], values[..., :first, :])
+        if first < n:
+            layout.write_ring(0, keys[..., first:, :], values[..., first:, :])
+        layout.flushed += n
+        layout.ring_len = min(layout.flushed, cap)
+
+    def positions(self, layout):
+        last = layout.flushed - 1
+        return layout.sinks + last - (last - mx.arange(layout.ring_len)) % self.capacity
+
+    def rule(self, layout):
+        """A query of a prompt chunk sees the sinks and what the ring would still hold
+        had the tokens come one at a time: chunked and token-by-token feeding agree."""
+        sinks, residual, unit, cap = layout.sinks, layout.residual, layout.unit, self.capacity
+
+        def within(kpos, qpos):
+            seen = qpos + 1 - sinks
+            flushed = mx.maximum(seen - residual, 0) // unit * unit
+            return (kpos < sinks) | (kpos >= sinks + mx.maximum(flushed - cap, 0))
+
+        return within
