@@ -2,7 +2,11 @@
 
 All model work (replies, cache rebuilds, saves and loads) runs in one worker thread
 at a time; it posts messages, and the UI folds them in on a timer so a fast stream
-never floods the screen."""
+never floods the screen.
+
+Over 300 lines on purpose: this is the one module that wires the panes, the worker's
+messages and the key bindings together; widgets, screens, slash commands (``commands.py``)
+and saved chats (``store.py``) live in their own modules."""
 
 from __future__ import annotations
 

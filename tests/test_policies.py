@@ -116,7 +116,7 @@ def test_avg_pool_and_allocator():
 
 
 @pytest.mark.parametrize("changes,needle", [
-    (dict(policy="nope", window=64), "unknown policy 'nope' \\(known: window, knorm, snapkv"),
+    (dict(policy="nope", window=64), "unknown policy 'nope' \\(known: window, h2o, knorm, snapkv, tova"),
     (dict(policy="h2o"), "evicts from a window or budget cache"),
     (dict(policy="h2o", window=64, key_bits=4, key_mode="channel"), "keys must be grouped per token"),
     (dict(allocator="flat", budget="1MB"), "unknown allocator 'flat' \\(known: uniform, pyramid, adaptive"),

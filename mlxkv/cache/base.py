@@ -5,7 +5,7 @@
 - an eviction strategy (``eviction.py``, ``scored.py``, ``adaptive.py``): which ring slots
   flushed tokens take and what is evicted to make room;
 - attention over the cache's ``Segment``s (``segments.py``), or the fused Metal kernel for
-  a decode step; ``attend`` is the one place that chooses between them.
+  a decode step (``fused.py``, whose ``fused_inputs`` is the one place that decides).
 
 The cache itself does the bookkeeping between them: new tokens go to the sinks, then the
 residual; whole flush units leave the residual for the ring. A chunk of L > 1 new tokens
@@ -23,11 +23,10 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
-from ..kernels import QuantizedKV, attention_mass, metal_enabled, sdpa_quantized
-from ..kernels.sdpa_quantized import fused_available
 from ..stats import LayerStats, dtype_name
 from .codec import FLOAT
 from .eviction import Eviction
+from .fused import attend_fused, fused_inputs
 from .layout import Layout
 from .segments import Segment, attend_segments, dense, visibility
 
@@ -202,7 +201,7 @@ class CompressedCache:
         """Attention of ``queries`` (B, n_heads, L, D) over this cache -> (B, n_heads, L, Dv).
 
         ``mask`` from the model is not needed: the cache knows every token's position.
-        One query (decode) runs the fused Metal kernel where ``_fused_inputs`` allows it,
+        One query (decode) runs the fused Metal kernel where ``fused_inputs`` allows it,
         else is scored straight from the packed storage. A chunk of queries (prefill)
         dequantizes the ring once for this layer (a transient array, freed after the
         layer) and is processed in blocks of queries, so its score matrix stays under
@@ -213,9 +212,13 @@ class CompressedCache:
         rep = Hq // H
         q = self._rot(queries) if self.rotate else queries
         if L == 1:
-            fused = self._fused_inputs(q)
+            fused = fused_inputs(self.layout, self.eviction, q)
             if fused is not None:
-                return self._attend_fused(q, scale, *fused)
+                rows = self.eviction.observed_rows((0, 1, 1))
+                out, mass = attend_fused(q, scale, *fused, sinks=self.layout.n_sinks, rows=rows)
+                if mass is not None:
+                    self._observe_mass(mass)
+                return out
         q = (q * scale).reshape(B, H, rep, L, D)
         segs = self.segments(dense_after=q if L > 1 else None)
         if L == 1:
@@ -263,37 +266,6 @@ class CompressedCache:
     def _observe_mass(self, mass: mx.array) -> None:
         first = self._pending[2] if self._pending is not None else self.offset
         self.eviction.observe(self.layout, mass, first)
-
-    # ----- the fused Metal path (decode) ---------------------------------------------
-    def _fused_inputs(self, q: mx.array):
-        """(ring, float keys, float values) for the fused decode kernel, or None: Metal is
-        on, the ring is in codecs the kernel reads, each kv head has its own ring (not a
-        shared pool), and the kernel supports the shapes. The one place that decides."""
-        lay = self.layout
-        if not (metal_enabled() and lay.ring_len and lay.kc.fusable and lay.vc.fusable
-                and not self.eviction.shared_slots):
-            return None
-        kc, vc = lay.kc, lay.vc
-        ring = QuantizedKV(keys=lay.ring_keys, values=lay.ring_values, length=lay.ring_len,
-                           key_bits=kc.bits, key_group=kc.group, value_bits=vc.bits,
-                           value_group=vc.group, key_mode=kc.axis)
-        fk, fv = lay.float_part()
-        return (ring, fk, fv) if fused_available(ring, q, fk, fv) else None
-
-    def _attend_fused(self, q, scale, ring, fk, fv):
-        """One decode query over the packed ring and the float tokens in one kernel; a
-        strategy that learns from attention gets each token's mass from the same call."""
-        rows = self.eviction.observed_rows((0, 1, 1))
-        if rows is None:
-            return sdpa_quantized(q, scale=scale, ring=ring, float_keys=fk, float_values=fv)
-        out, scores, lse = sdpa_quantized(q, scale=scale, ring=ring, float_keys=fk,
-                                          float_values=fv, stats=True)
-        mass = attention_mass(scores, lse, kv_heads=fk.shape[1], rows=rows)
-        nq, ns = ring.length, self.layout.n_sinks
-        # kernel order (ring, sinks, residual) -> segment order (sinks, ring, residual)
-        mass = mx.concatenate([mass[..., nq : nq + ns], mass[..., :nq], mass[..., nq + ns :]], -1)
-        self._observe_mass(mass)
-        return out
 
     # ----- persistence --------------------------------------------------------------
     @property

@@ -45,7 +45,8 @@ def kernel(name: str, inputs: list[str], outputs: list[str], *, header: str = ""
     key = (name, tuple(inputs), tuple(outputs), header, id(factory))
     built = _BUILT.get(key)
     if built is None or built[0] is not factory:
-        head = source(header) if header else ""
+        # `#line` names the header in compile errors, Apple's and the simulator's
+        head = f'#line 1 "{header}"\n' + source(header) if header else ""
         fn = factory(name=name, input_names=inputs, output_names=outputs,
                      source=source(f"{name}.metal"), header=head, **options)
         built = _BUILT[key] = (factory, fn)

@@ -14,6 +14,10 @@ How it works:
 - the kernel source is generated exactly as MLX's ``write_signature`` does (inputs,
   ``_shape``/``_strides``/``_ndim`` when the body names them, outputs, the Metal
   attributes the body names, in MLX's order; ``msl_source`` returns that text);
+- first a strict front end (``strict.py``, on by default) rejects what Apple's compiler
+  rejects: clang checks the same source with address spaces as types, MSL's C++14
+  subset, MLX's prelude names and the 32 KiB threadgroup limit, each error at its
+  ``.metal`` file and line;
 - it is compiled as C++17 with the system compiler against ``shim.h`` (MSL types,
   math, atomics, simdgroup collectives), cached by a hash of everything that goes in;
 - every thread of a threadgroup runs as a cooperative fiber: barriers and simdgroup
@@ -36,8 +40,10 @@ What it cannot emulate (kernels here stay inside these lines):
   address space, packed vector types;
 - inputs are always passed row-contiguous (``ensure_row_contiguous=False`` passes the
   contiguous strides);
-- the shim accepts a superset of MSL: a kernel that passes here can still fail Apple's
-  compiler (the README says how to check on a Mac);
+- the strict front end is a model of Apple's compiler, not that compiler: Metal's own
+  warnings, its register limits (a pipeline may allow fewer than 1024 threads) and
+  anything outside ``strict.h``'s declarations are only seen on a Mac (the README says
+  how to check there);
 - it is eager: each call evaluates its inputs and returns computed arrays.
 """
 
@@ -49,12 +55,10 @@ import faulthandler
 import hashlib
 import mmap
 import os
-import re
 import signal
 import subprocess
 import tempfile
 import warnings
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -62,17 +66,10 @@ import mlx.core as mx
 import numpy as np
 
 from ..paths import cache_dir
+from . import strict as _strict
+from .source import (ATTRIBUTES, MAX_CONSTANT_ARRAY_SIZE, MAX_THREADS_PER_THREADGROUP,  # noqa: F401
+                     SIMD_WIDTH, TYPE_NAMES, Spec, kernel_name, type_name)
 
-SIMD_WIDTH = 32
-MAX_THREADS_PER_THREADGROUP = 1024
-MAX_CONSTANT_ARRAY_SIZE = 8  # MLX passes smaller inputs in the constant address space
-
-TYPE_NAMES = {
-    mx.bool_: "bool", mx.uint8: "uint8_t", mx.uint16: "uint16_t", mx.uint32: "uint32_t",
-    mx.uint64: "uint64_t", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t",
-    mx.int64: "int64_t", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t",
-    mx.float32: "float",
-}
 _NUMPY = {
     mx.bool_: np.bool_, mx.uint8: np.uint8, mx.uint16: np.uint16, mx.uint32: np.uint32,
     mx.uint64: np.uint64, mx.int8: np.int8, mx.int16: np.int16, mx.int32: np.int32,
@@ -80,192 +77,13 @@ _NUMPY = {
     mx.float32: np.float32,
 }
 
-# Metal attributes in MLX's order, with their types and how the simulator computes them.
-ATTRIBUTES = [
-    ("dispatch_quadgroups_per_threadgroup", "uint", "t.dispatch_quadgroups_per_threadgroup"),
-    ("dispatch_simdgroups_per_threadgroup", "uint", "t.dispatch_simdgroups_per_threadgroup"),
-    ("dispatch_threads_per_threadgroup", "uint3", "t.dispatch_threads_per_threadgroup"),
-    ("grid_origin", "uint3", "uint3(0u, 0u, 0u)"),
-    ("grid_size", "uint3", "t.threads_per_grid"),
-    ("quadgroup_index_in_threadgroup", "uint", "t.tid / 4"),
-    ("quadgroups_per_threadgroup", "uint", "t.quadgroups_per_threadgroup"),
-    ("simdgroup_index_in_threadgroup", "uint", f"t.tid / {SIMD_WIDTH}"),
-    ("simdgroups_per_threadgroup", "uint", "t.simdgroups_per_threadgroup"),
-    ("thread_execution_width", "uint", f"{SIMD_WIDTH}u"),
-    ("thread_index_in_quadgroup", "uint", "t.tid % 4"),
-    ("thread_index_in_simdgroup", "uint", f"t.tid % {SIMD_WIDTH}"),
-    ("thread_index_in_threadgroup", "uint", "t.tid"),
-    ("thread_position_in_grid", "uint3", "t.thread_position_in_grid"),
-    ("thread_position_in_threadgroup", "uint3", "t.thread_position_in_threadgroup"),
-    ("threadgroup_position_in_grid", "uint3", "t.threadgroup_position_in_grid"),
-    ("threadgroups_per_grid", "uint3", "t.threadgroups_per_grid"),
-    ("threads_per_grid", "uint3", "t.threads_per_grid"),
-    ("threads_per_simdgroup", "uint", f"{SIMD_WIDTH}u"),
-    ("threads_per_threadgroup", "uint3", "t.threads_per_threadgroup"),
-]
-
 CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fvisibility=hidden",
             "-fsingle-precision-constant", "-fwrapv", "-fno-strict-aliasing",
             "-Wno-attributes", "-Wno-unused-variable", "-Wno-unused-parameter"]
 
-_SYNC = re.compile(r"\b(simd_\w+|threadgroup_barrier|simdgroup_barrier|quad_\w+)\s*\(")
-
-
 class SimulatorError(RuntimeError):
     """A simulated kernel failed: compile error, divergent collective, deadlock, crash,
     or time limit."""
-
-
-@dataclass(frozen=True)
-class _Arg:
-    """One parameter of the generated function, and how the launcher passes it."""
-    decl: str    # the MSL parameter text
-    call: str    # the C++ expression passing it
-
-
-def type_name(dtype) -> str:
-    try:
-        return TYPE_NAMES[dtype]
-    except KeyError:
-        raise ValueError(f"[metal_kernel] unsupported dtype {dtype}") from None
-
-
-def _template_text(template) -> str:
-    parts = []
-    for _, value in template:
-        if isinstance(value, bool):
-            parts.append("1" if value else "0")
-        elif isinstance(value, int):
-            parts.append(str(value))
-        else:
-            parts.append(type_name(value))
-    return "<" + ", ".join(parts) + ">"
-
-
-def kernel_name(name: str, template, inputs, output_dtypes) -> str:
-    """The name MLX gives the generated kernel (template values, input and output dtypes)."""
-    out = "custom_kernel_" + name
-    if template:
-        out += "_" + re.sub(r"<|>|(, )", "_", _template_text(template))[:-1]
-    for x in inputs:
-        out += "_" + type_name(x.dtype)
-        if x.ndim == 0:
-            out += "s"
-        elif x.size < MAX_CONSTANT_ARRAY_SIZE:
-            out += "c"
-    for dt in output_dtypes:
-        out += "_" + type_name(dt)
-    return out
-
-
-class _Spec:
-    """A kernel as ``mx.fast.metal_kernel`` was given it."""
-
-    def __init__(self, name, input_names, output_names, source, header,
-                 ensure_row_contiguous, atomic_outputs):
-        if not output_names:
-            raise ValueError("[metal_kernel] Must specify at least one output.")
-        self.name, self.source, self.header = name, source, header
-        self.input_names, self.output_names = list(input_names), list(output_names)
-        self.ensure_row_contiguous = ensure_row_contiguous
-        self.atomic_outputs = atomic_outputs
-        self.shape_infos = [tuple(n + suffix in source for suffix in ("_shape", "_strides", "_ndim"))
-                            for n in self.input_names]
-        self.attributes = [a for a in ATTRIBUTES if a[0] in source]
-
-    def args(self, inputs, output_dtypes) -> list[_Arg]:
-        args, index = [], 0
-        for name, x, (shape, strides, ndim) in zip(self.input_names, inputs, self.shape_infos):
-            tname = type_name(x.dtype)
-            space = "constant" if x.size < MAX_CONSTANT_ARRAY_SIZE else "device"
-            if x.ndim == 0:
-                args.append(_Arg(f"  const {space} {tname}& {name} [[buffer({index})]]",
-                                 f"*static_cast<const {tname}*>(a[{index}])"))
-            else:
-                args.append(_Arg(f"  const {space} {tname}* {name} [[buffer({index})]]",
-                                 f"static_cast<const {tname}*>(a[{index}])"))
-            index += 1
-            if x.ndim == 0:
-                continue
-            for wanted, decl, ctype, deref in (
-                    (shape, "const constant int* {}_shape", "int", ""),
-                    (strides, "const constant int64_t* {}_strides", "int64_t", ""),
-                    (ndim, "const constant int& {}_ndim", "int", "*")):
-                if wanted:
-                    args.append(_Arg(f"  {decl.format(name)} [[buffer({index})]]",
-                                     f"{deref}static_cast<const {ctype}*>(a[{index}])"))
-                    index += 1
-        for name, dt in zip(self.output_names, output_dtypes):
-            tname = type_name(dt)
-            ptype = f"atomic<{tname}>" if self.atomic_outputs else tname
-            args.append(_Arg(f"  device {ptype}* {name} [[buffer({index})]]",
-                             f"static_cast<{ptype}*>(a[{index}])"))
-            index += 1
-        for attr, atype, expr in self.attributes:
-            args.append(_Arg(f"  {atype} {attr} [[{attr}]]", expr))
-        return args
-
-    def signature(self, func_name, template, args) -> str:
-        text = ""
-        if template:
-            kinds = ["bool" if isinstance(v, bool) else "int" if isinstance(v, int) else "typename"
-                     for _, v in template]
-            text += "template <" + ", ".join(f"{k} {n}" for k, (n, _) in zip(kinds, template)) + ">\n"
-        return text + f"[[kernel]] void {func_name}(\n" + ",\n".join(a.decl for a in args) + ") {\n"
-
-    def msl_source(self, inputs, output_dtypes, template=()) -> str:
-        """The Metal source MLX would compile for these inputs (as ``verbose=True`` prints)."""
-        func = kernel_name(self.name, template, inputs, output_dtypes)
-        text = self.header + self.signature(func, template, self.args(inputs, output_dtypes))
-        text += self.source + "\n}\n"
-        if template:
-            inst = func + _template_text(template)
-            text += (f'\ntemplate [[host_name("{func}")]] [[kernel]] decltype({inst}) {inst};\n')
-        return text
-
-    def cxx_source(self, inputs, output_dtypes, template=()) -> str:
-        """The translation unit the simulator compiles: shim + the same text + a launcher."""
-        func = re.sub(r"\W", "_", kernel_name(self.name, template, inputs, output_dtypes))
-        args = self.args(inputs, output_dtypes)
-        fibers = bool(_SYNC.search(self.header + self.source))
-        inst = func + (_template_text(template) if template else "")
-        call = ", ".join(a.call for a in args)
-        return "\n".join([
-            '#include "shim.h"',
-            f'#line 1 "{self.name}:header"',
-            _rewrite(self.header),
-            f'#line 1 "{self.name}:signature"',
-            self.signature(func, template, args),
-            f'#line 1 "{self.name}.metal"',
-            _rewrite(self.source),
-            "}",
-            '#line 1 "metalsim:launcher"',
-            'extern "C" __attribute__((visibility("default"))) int mlxkv_sim_run(',
-            "    void** a, const uint32_t* grid, const uint32_t* group, uint64_t seed,",
-            "    char* err, int errlen) {",
-            "  std::function<void(const ::mlxkv_sim::Ids&)> body = "
-            f"[&](const ::mlxkv_sim::Ids& t) {{ {inst}({call}); }};",
-            f"  return ::mlxkv_sim::launch(grid, group, seed, {str(fibers).lower()}, err, errlen, body);",
-            "}",
-        ])
-
-
-_TG_DECL = re.compile(
-    r"^(?P<indent>[ \t]*)threadgroup\s+(?P<type>[A-Za-z_][\w:<>, ]*?)\s+(?P<name>[A-Za-z_]\w*)"
-    r"\s*(?P<dims>(?:\[[^\]]+\])*)\s*;", re.MULTILINE)
-_HALF_LITERAL = re.compile(r"(?<![\w.])(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?[hH]\b")
-_METAL_INCLUDE = re.compile(r"^\s*#\s*include\s*<metal_\w+>.*$", re.MULTILINE)
-
-
-def _rewrite(text: str) -> str:
-    """MSL -> C++ for the shim: threadgroup declarations become per-threadgroup arena
-    slots (poisoned, shared by the group), ``1.0h`` literals become ``half``, and
-    ``#include <metal_*>`` lines go (the line count is kept for ``#line``)."""
-    counter = iter(range(1, 1 << 30))
-    text = _METAL_INCLUDE.sub("", text)
-    text = _TG_DECL.sub(lambda m: (f"{m['indent']}auto& {m['name']} = ::mlxkv_sim::tg_alloc<"
-                                   f"{m['type']}{m['dims']}>({next(counter)});"), text)
-    return _HALF_LITERAL.sub(lambda m: f"((half)({m[1]}{m[2] or ''}))", text)
 
 
 def _compiler() -> tuple[str, str]:
@@ -275,6 +93,13 @@ def _compiler() -> tuple[str, str]:
     except (OSError, subprocess.CalledProcessError) as e:
         raise SimulatorError(f"the Metal simulator needs a C++ compiler ({cxx}): {e}") from None
     return cxx, version.stdout.splitlines()[0]
+
+
+def _strict_clang() -> tuple[str, str]:
+    try:
+        return _strict.clang()
+    except _strict.StrictError as e:
+        raise SimulatorError(str(e)) from None
 
 
 def _shim_dir() -> Path:
@@ -296,18 +121,21 @@ class Simulator:
     """Options of simulated launches; ``metal_kernel`` is the drop-in.
 
     seed: 0 runs threadgroups and threads in index order; other values shuffle both
-    (seeded), to shake out order dependence. timeout: seconds per launch.
+    (seeded), to shake out order dependence. timeout: seconds per launch. strict: check
+    each instantiation with the strict front end first (``strict.py``; needs clang).
     """
 
-    def __init__(self, *, seed: int = 0, timeout: float = 120.0, cache: Path | None = None):
+    def __init__(self, *, seed: int = 0, timeout: float = 120.0, cache: Path | None = None,
+                 strict: bool = True):
         self.seed = seed
+        self.strict = strict
         self.timeout = timeout
         self.cache = Path(cache) if cache else cache_dir() / "metalsim"
         self.launches = collections.Counter()  # kernel name -> simulated launches
 
     def metal_kernel(self, name, input_names, output_names, source, header="",
                      ensure_row_contiguous=True, atomic_outputs=False, compile_options=None):
-        spec = _Spec(name, input_names, output_names, source, header, ensure_row_contiguous,
+        spec = Spec(name, input_names, output_names, source, header, ensure_row_contiguous,
                      atomic_outputs)
 
         def kernel(*, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
@@ -319,16 +147,24 @@ class Simulator:
         return kernel
 
     # ----- compile ---------------------------------------------------------------
-    def build(self, spec: _Spec, inputs, output_dtypes, template) -> Path:
+    def build(self, spec: Spec, inputs, output_dtypes, template) -> Path:
         """Compile (or reuse) the shared library for this instantiation."""
         cxx, version = _compiler()
         source = spec.cxx_source(inputs, output_dtypes, template)
-        shim = (_shim_dir() / "shim.h").read_bytes()
-        key = hashlib.sha256("\0".join([source, shim.decode(), version, " ".join(CXXFLAGS)])
-                             .encode()).hexdigest()[:24]
+        parts = [source, (_shim_dir() / "shim.h").read_text(), version, " ".join(CXXFLAGS)]
+        if self.strict:  # a library in the cache passed the strict front end when built
+            parts += [(_shim_dir() / "strict.h").read_text(), _strict_clang()[1],
+                      " ".join(_strict.CLANG_FLAGS), str(_strict.MAX_THREADGROUP_BYTES)]
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
         lib = self.cache / f"{spec.name}-{key}.so"
         if lib.exists():
             return lib
+        if self.strict:
+            try:
+                _strict.check(spec, inputs, output_dtypes, template, include=_shim_dir())
+            except _strict.StrictError as e:
+                raise SimulatorError(f"kernel {spec.name!r} would not compile with Apple's "
+                                     f"Metal compiler:\n{e}") from None
         self.cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.cache) as tmp:
             src = Path(tmp) / f"{spec.name}.cpp"

@@ -15,9 +15,17 @@ from __future__ import annotations
 import mlx.core as mx
 
 
+REGISTRY: dict[str, type["Policy"]] = {}
+
+
 class Policy:
-    name = ""
+    name = ""  # a subclass with a name is registered under it (``mlxkv.policies.POLICIES``)
     needs_attention = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            REGISTRY[cls.name] = cls
 
     def enter(self, keys: mx.array, positions: mx.array) -> mx.array:
         """Score of tokens entering the ring: keys (B, H, n, D), positions (n,)."""
