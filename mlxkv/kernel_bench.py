@@ -19,7 +19,7 @@ import mlx.core as mx
 from .errors import InputError
 from .kernels import QuantizedKV, quantize_rows, sdpa_quantized
 from .kernels import _metal
-from .kernels.sdpa_quantized import KERNELS, fused_available, sdpa_quantized_reference
+from .kernels.sdpa_quantized import fused_available, sdpa_quantized_reference
 
 
 KERNEL_TOLERANCE = 1e-2  # max |fused - reference| for fp16 outputs of order 1
@@ -96,9 +96,9 @@ def run_kernel_bench(*, lengths, bits: int = 4, group_size: int = 64, q_heads: i
                                        float_values=empty)
         base = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
         out, want = fused(), base()
-        broken = [name for name in KERNELS if _metal.failed(name)]
-        if broken:
-            raise InputError(f"the fused kernel failed on this device: {_metal._FAILED[broken[0]]}")
+        if not fused_available(ring, q, empty, empty):
+            raise InputError("the fused kernel failed on this device: "
+                             + "; ".join(_metal._FAILED.values()))
         ref = sdpa_quantized_reference(q, scale=scale, ring=ring, float_keys=empty, float_values=empty)
         err = mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)).max().item()
         qerr = mx.abs(out.astype(mx.float32) - want.astype(mx.float32)).max().item()

@@ -14,6 +14,7 @@ from ..policies import known_policies, make_policy
 from .layout import flush_unit
 from .codec import BITS, GROUP_SIZES, default_group, make_codec
 from .full import FullCache
+from .fused import preflight
 from .quantized import QuantizedCache
 from .adaptive import AdaptiveScoredCache
 from .scored import ScoredCache
@@ -207,7 +208,7 @@ def make_cache(model, config: CacheConfig | None = None, *, batch_size: int = 1)
     every plain full-attention ``KVCache`` replaced by the cache ``config`` asks for.
     Layers with a cache of their own kind (sliding-window, state-space) keep it.
     ``batch_size``: the sequences fed at once (the adaptive allocator takes one)."""
-    from .route import is_routed, learned_sinks, model_head_dim
+    from .route import is_routed, learned_sinks, model_dtype, model_head_dim
 
     config = (config or CacheConfig()).resolve(model_head_dim(model))
     if config.allocator == "adaptive" and batch_size != 1:
@@ -230,6 +231,9 @@ def make_cache(model, config: CacheConfig | None = None, *, batch_size: int = 1)
     for n, i in enumerate(ours):
         window = None if budgets[n] is None else budget_window(model, config, budgets[n], len(ours))
         caches[i] = config.layer_cache(i, window, budgets[n])
+    if ours and config.kind != "full":
+        # every layer's cache uses the same kernels: compile them now, not mid-generation
+        preflight(caches[ours[0]], dtype=model_dtype(model), head_dim=model_head_dim(model))
     return caches
 
 
@@ -252,14 +256,11 @@ def budget_window(model, config: CacheConfig, per_layer: int, n_layers: int) -> 
     """The window a layer can keep within ``per_layer`` bytes: sinks and residual buffer
     at full precision, the rest in the ring's codecs (plus, for a scoring policy, each
     slot's score and position)."""
-    from mlx.utils import tree_flatten
-
-    from .route import model_head_dim, model_kv_heads
+    from .route import model_dtype, model_head_dim, model_kv_heads
 
     head_dim = model_head_dim(model)
     kv_heads = model_kv_heads(model)
-    dtype_size = next(v.dtype.size for _, v in tree_flatten(model.parameters())
-                      if mx.issubdtype(v.dtype, mx.floating))
+    dtype_size = model_dtype(model).size
     kc = make_codec(config.key_bits, config.group_size, config.key_mode)
     vc = make_codec(config.value_bits, config.group_size, "token")
     unit = flush_unit(kc, vc, config.residual)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..kernels import QuantizedKV, attention_mass, metal_enabled, sdpa_quantized
-from ..kernels.sdpa_quantized import fused_available
+from ..kernels.sdpa_quantized import fused_available, sdpa_quantized_metal
 from .eviction import Eviction
 from .layout import Layout
 
@@ -24,7 +24,8 @@ def fused_inputs(layout: Layout, eviction: Eviction, q: mx.array):
                        key_bits=kc.bits, key_group=kc.group, value_bits=vc.bits,
                        value_group=vc.group, key_mode=kc.axis)
     fk, fv = layout.float_part()
-    return (ring, fk, fv) if fused_available(ring, q, fk, fv) else None
+    stats = eviction.observed_rows((0, 1, 1)) is not None
+    return (ring, fk, fv) if fused_available(ring, q, fk, fv, stats=stats) else None
 
 
 def attend_fused(q, scale, ring: QuantizedKV, fk, fv, *, sinks: int,
@@ -42,3 +43,34 @@ def attend_fused(q, scale, ring: QuantizedKV, fk, fv, *, sinks: int,
     # kernel order (ring, sinks, residual) -> segment order (sinks, ring, residual)
     mass = mx.concatenate([mass[..., nq : nq + sinks], mass[..., :nq], mass[..., nq + sinks :]], -1)
     return out, mass
+
+
+def preflight(cache, *, dtype: mx.Dtype, head_dim: int) -> None:
+    """Compile and run once, on tiny inputs and each in its own evaluation, every Metal
+    kernel instantiation ``cache``'s decode steps will use (the ring's quantizer, both
+    variants of the fused attention, the attention mass a scoring policy reads), so the
+    first use of each mid-generation costs no compile, and one Apple's compiler rejects
+    is turned off now (``kernels._metal.launch``). Nothing to do without Metal."""
+    layout, eviction = cache.layout, cache.eviction
+    if not metal_enabled() or not (layout.kc.bits or layout.vc.bits):
+        return
+    x = mx.zeros((1, 1, 1, head_dim), dtype)
+    for codec in (layout.kc, layout.vc):
+        if codec.bits is not None:
+            mx.eval(codec.encode(mx.zeros((1, 1, codec.block, head_dim), dtype)))
+    if not (layout.kc.fusable and layout.vc.fusable) or eviction.shared_slots:
+        return
+    kc, vc = layout.kc, layout.vc
+    slots = max(kc.block, 32)
+    ring = QuantizedKV(keys=kc.alloc(1, 1, slots, head_dim, dtype),
+                       values=vc.alloc(1, 1, slots, head_dim, dtype), length=slots,
+                       key_bits=kc.bits, key_group=kc.group, value_bits=vc.bits,
+                       value_group=vc.group, key_mode=kc.axis)
+    fk = fv = mx.zeros((1, 1, 2, head_dim), dtype)
+    stats = eviction.observed_rows((0, 1, 1)) is not None
+    for passes in (1, 2):
+        if fused_available(ring, x, fk, fv, stats=stats):
+            out = sdpa_quantized_metal(x, scale=1.0, ring=ring, float_keys=fk, float_values=fv,
+                                       stats=stats, passes=passes)
+            if stats and out is not None:
+                mx.eval(attention_mass(out[1], out[2], kv_heads=1, rows=(0, 1)))

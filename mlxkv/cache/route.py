@@ -96,3 +96,12 @@ def model_head_dim(model) -> int:
 
 def model_kv_heads(model) -> int:
     return model.args.num_key_value_heads or model.args.num_attention_heads
+
+
+def model_dtype(model) -> mx.Dtype:
+    """The dtype of the model's activations (and so of its keys and values): that of its
+    first floating-point parameter."""
+    from mlx.utils import tree_flatten
+
+    return next(v.dtype for _, v in tree_flatten(model.parameters())
+                if mx.issubdtype(v.dtype, mx.floating))

@@ -22,10 +22,10 @@ def mode() -> str:
     return value
 
 
-def use_metal(supported: bool, name: str | None = None) -> bool:
-    """Whether a dispatcher should call its Metal kernel ``name`` for a supported shape."""
+def use_metal(supported: bool) -> bool:
+    """Whether a dispatcher should call its Metal kernel for a supported shape."""
     m = mode()
-    if m == "reference" or not supported or (name is not None and name in _FAILED):
+    if m == "reference" or not supported:
         return False
     return m == "metal" or mx.metal.is_available()
 
@@ -69,12 +69,19 @@ def device_sized(x: mx.array) -> mx.array:
 
 
 _CHECKED: set = set()
-_FAILED: dict[str, str] = {}  # kernel name -> why it was turned off
+_FAILED: dict[tuple, str] = {}  # instantiation -> why it was turned off
 
 
-def failed(name: str) -> bool:
-    """Whether ``name`` failed on this Metal device (its dispatcher then uses the reference)."""
-    return name in _FAILED
+def instantiation(name: str, template) -> tuple:
+    """What one compiled kernel is keyed by: its source and template values (the dtype
+    among them). Inputs' ranks are fixed by each kernel's wrapper."""
+    return (name, repr(template))
+
+
+def failed(name: str, template) -> bool:
+    """Whether this instantiation failed on this Metal device (its dispatcher then uses
+    the reference; other instantiations of the kernel still run)."""
+    return instantiation(name, template) in _FAILED
 
 
 def launch(name: str, inputs_names: list[str], outputs: list[str], *, inputs, template,
@@ -82,12 +89,15 @@ def launch(name: str, inputs_names: list[str], outputs: list[str], *, inputs, te
     """Launch ``metal_kernels/<name>.metal``; returns its outputs, or None if it failed.
 
     Apple's compiler only sees a kernel on the device, so in ``auto`` mode the first
-    launch of each instantiation is evaluated at once: a kernel that does not compile or
+    launch of each instantiation is evaluated at once (caches do it ahead, on tiny
+    inputs: ``mlxkv.cache.fused.preflight``): an instantiation that does not compile or
     run there is turned off with a warning and the caller falls back to its reference
     (the answer stays right, only slower). With ``MLXKV_KERNELS=metal`` errors propagate.
     """
     inputs = [device_sized(x) for x in inputs]
-    key = (name, repr(template), tuple((x.dtype, x.ndim) for x in inputs))
+    key = instantiation(name, template)
+    if key in _FAILED and mode() != "metal":
+        return None
     if mode() == "metal" or key in _CHECKED:
         return kernel(name, inputs_names, outputs, header=header)(
             inputs=inputs, template=template, stream=mx.gpu, **call)
@@ -96,9 +106,18 @@ def launch(name: str, inputs_names: list[str], outputs: list[str], *, inputs, te
             inputs=inputs, template=template, stream=mx.gpu, **call)
         mx.eval(outs)
     except (RuntimeError, ValueError) as e:  # MLX raises both for kernels it cannot run
-        _FAILED[name] = str(e)
-        warnings.warn(f"mlxkv: Metal kernel {name} failed on this device and is turned off "
+        _FAILED[key] = str(e)
+        warnings.warn(f"mlxkv: Metal kernel {name} failed on this device and this "
+                      f"instantiation {template_label(template)} is turned off "
                       f"(the reference path is used instead): {e}", RuntimeWarning, stacklevel=3)
         return None
     _CHECKED.add(key)
     return outs
+
+
+def template_label(template) -> str:
+    """``<T=float16, D=64, ...>``: template values as MLX's kernel names spell them."""
+    def value(v):
+        return str(v).split(".")[-1] if isinstance(v, mx.Dtype) else str(v)
+
+    return "<" + ", ".join(f"{k}={value(v)}" for k, v in template) + ">" if template else "<>"

@@ -33,7 +33,7 @@ def attention_mass(scores: mx.array, lse: mx.array, *, kv_heads: int,
     query heads of each kv head: (B, kv_heads, T) float32."""
     rows = rows or (0, scores.shape[2])
     supported = scores.dtype == mx.float32 and scores.shape[1] % kv_heads == 0 and scores.size > 0
-    if _metal.use_metal(supported, "attention_stats"):
+    if _metal.use_metal(supported):
         mass = attention_mass_metal(scores, lse, kv_heads=kv_heads, rows=rows)
         if mass is not None:
             return mass

@@ -62,14 +62,45 @@ class QuantizedKV:
 
 
 def _dims_ok(ring: QuantizedKV | None, q, fk, fv) -> bool:
+    """Shapes, dtypes and alignments the kernels are written for: head dims a multiple of
+    the simd width (each lane owns whole elements), one float dtype throughout, whole
+    uint32 words per token (per channel: per group of tokens) and whole groups."""
     D, DV = q.shape[-1], fv.shape[-1]
     ok = D % 32 == 0 and DV % 32 == 0 and D <= 256 and DV <= 256 and fk.shape[-1] == D
     ok = ok and q.dtype in (mx.float16, mx.bfloat16, mx.float32) and q.shape[1] % fk.shape[1] == 0
-    if ring is not None:
-        ok = ok and ring.key_mode in ("token", "channel") and ring.keys[1].dtype == q.dtype
-        ok = ok and ring.key_bits in BITS and ring.value_bits in BITS
-        ok = ok and D % ring.key_group == 0 and DV % ring.value_group == 0
-    return ok and fk.dtype == q.dtype
+    ok = ok and fk.dtype == q.dtype and fv.dtype == q.dtype and fk.shape[:3] == fv.shape[:3]
+    if ring is None or not ok:
+        return ok
+    ok = ring.key_mode in ("token", "channel") and ring.key_bits in BITS and ring.value_bits in BITS
+    ok = ok and all(a.dtype == q.dtype for a in (*ring.keys[1:], *ring.values[1:]))
+    ok = ok and ring.keys[0].dtype == mx.uint32 and ring.values[0].dtype == mx.uint32
+    ok = ok and D % ring.key_group == 0 and DV % ring.value_group == 0
+    if ring.key_mode == "channel":  # tokens along the packed axis: whole groups and words
+        A = ring.allocated
+        ok = ok and A % ring.key_group == 0 and A * ring.key_bits % 32 == 0
+    return ok
+
+
+def _template(ring: QuantizedKV | None, q, DV: int, stats: bool) -> list:
+    dt, D = q.dtype, q.shape[-1]
+    if ring is None or ring.length == 0:  # no ring: any valid widths (nothing is read)
+        kb_, vb_, kg, vg, kch = 4, 4, 32, 32, False
+    else:
+        kb_, vb_, kg, vg = ring.key_bits, ring.value_bits, ring.key_group, ring.value_group
+        kch = ring.key_mode == "channel"
+    return [("T", dt), ("D", D), ("DV", DV), ("KB", kb_), ("KG", kg), ("VB", vb_),
+            ("VG", vg), ("KCH", kch), ("BN", SIMDGROUPS), ("STATS", bool(stats))]
+
+
+def _plan(ring: QuantizedKV | None, q, fk, fv, stats: bool, passes=None) -> list[tuple]:
+    """The (kernel, template) launches of one call, in order."""
+    template = _template(ring, q, fv.shape[-1], stats)
+    T = (0 if ring is None else ring.length) + max(fk.shape[2], 1)
+    two_pass = (T > SINGLE_PASS_MAX) if passes is None else passes == 2
+    if not two_pass:
+        return [("sdpa_quantized", template)]
+    return [("sdpa_quantized_pass1", template),
+            ("sdpa_quantized_pass2", [("T", q.dtype), ("DV", fv.shape[-1]), ("STATS", bool(stats))])]
 
 
 def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, stats=False, passes=None):
@@ -79,23 +110,19 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, stats=Fals
     if nf == 0:  # kernels take no empty buffers
         float_keys, float_values = mx.zeros((B, H, 1, D), dt), mx.zeros((B, H, 1, DV), dt)
     if ring is None or ring.length == 0:
-        kb_, vb_, kg, vg = 4, 4, 32, 32
         z = mx.zeros((1,), mx.uint32)
         zs = mx.zeros((1,), dt)
-        keys, values, nq, alloc, kch = (z, zs, zs), (z, zs, zs), 0, 0, False
+        keys, values, nq, alloc = (z, zs, zs), (z, zs, zs), 0, 0
     else:
-        kb_, vb_, kg, vg = ring.key_bits, ring.value_bits, ring.key_group, ring.value_group
         keys, values, nq, alloc = ring.keys, ring.values, ring.length, ring.allocated
-        kch = ring.key_mode == "channel"
     T = nq + nf
     rows = B * Hq * L
-    template = [("T", dt), ("D", D), ("DV", DV), ("KB", kb_), ("KG", kg), ("VB", vb_),
-                ("VG", vg), ("KCH", kch), ("BN", SIMDGROUPS), ("STATS", bool(stats))]
+    plan = _plan(ring, q, float_keys, float_values, stats, passes)
+    template = plan[0][1]
     inputs = [q, mx.array(scale, mx.float32), *keys, *values, float_keys, float_values]
     names = ["q", "scale", "kw", "ks", "kb", "vw", "vs", "vb", "kf", "vf", "dims"]
     score_shape = (B, Hq, L, T) if stats else (1,)
-    two_pass = (T > SINGLE_PASS_MAX) if passes is None else passes == 2
-    if not two_pass:
+    if len(plan) == 1:
         outs = _metal.launch(
             "sdpa_quantized", names, ["out", "scores", "lse"], header="kv_attention.h",
             inputs=inputs + [mx.array([nq, alloc, nf, L, H, Hq], mx.int32)], template=template,
@@ -119,8 +146,7 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, stats=Fals
         outs = _metal.launch(
             "sdpa_quantized_pass2", ["po", "pm", "pl", "dims"], ["out", "lse"],
             inputs=[po, pm, pl, mx.array([nb], mx.int32)],
-            template=[("T", dt), ("DV", DV), ("STATS", bool(stats))],
-            grid=(32, 1, rows), threadgroup=(32, 1, 1),
+            template=plan[1][1], grid=(32, 1, rows), threadgroup=(32, 1, 1),
             output_shapes=[(B, Hq, L, DV), (B, Hq, L) if stats else (1,)],
             output_dtypes=[dt, mx.float32])
         if outs is None:
@@ -150,11 +176,14 @@ def sdpa_quantized_reference(q, *, scale, ring, float_keys, float_values, stats=
     return (out, s, lse) if stats else out
 
 
-def fused_available(ring: QuantizedKV | None, q, float_keys, float_values) -> bool:
+def fused_available(ring: QuantizedKV | None, q, float_keys, float_values, *,
+                    stats: bool = False) -> bool:
     """Whether ``sdpa_quantized`` would run the Metal kernel for these arrays (callers
-    with a faster non-Metal path of their own use it to choose)."""
+    with a faster non-Metal path of their own use it to choose): Metal is on, the shapes
+    are supported, and none of the kernel instantiations it needs failed here."""
     return _metal.use_metal(_dims_ok(ring, q, float_keys, float_values)) and not any(
-        _metal.failed(name) for name in KERNELS)
+        _metal.failed(name, template)
+        for name, template in _plan(ring, q, float_keys, float_values, stats))
 
 
 def sdpa_quantized(q: mx.array, *, scale: float, ring: QuantizedKV | None, float_keys: mx.array,
@@ -164,7 +193,7 @@ def sdpa_quantized(q: mx.array, *, scale: float, ring: QuantizedKV | None, float
 
     With ``stats`` also returns the scaled scores (B, Hq, L, NQ + NF) (-inf where a row
     cannot see a token) and each row's log-sum-exp (B, Hq, L), for ``attention_mass``."""
-    if fused_available(ring, q, float_keys, float_values):
+    if fused_available(ring, q, float_keys, float_values, stats=stats):
         out = sdpa_quantized_metal(q, scale=scale, ring=ring, float_keys=float_keys,
                                    float_values=float_values, stats=stats)
         if out is not None:
