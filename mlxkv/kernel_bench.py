@@ -52,12 +52,13 @@ def _median_ms(fn, repeats: int, warmup: int = 3) -> float:
 
 
 @contextlib.contextmanager
-def simulated():
-    """Route mlxkv's kernels to the CPU simulator of Metal for the duration."""
+def simulated(simulator=None):
+    """Route mlxkv's kernels to the CPU simulator of Metal (``simulator``, or a default
+    one) for the duration."""
     from .metalsim import Simulator
 
     original, mode = mx.fast.metal_kernel, os.environ.get("MLXKV_KERNELS")
-    mx.fast.metal_kernel = Simulator().metal_kernel
+    mx.fast.metal_kernel = (simulator or Simulator()).metal_kernel
     os.environ["MLXKV_KERNELS"] = "metal"
     try:
         yield
@@ -124,3 +125,93 @@ def format_kernel_row(r: KernelRow) -> str:
 
 def supported_on_this_machine() -> bool:
     return _metal.use_metal(True)
+
+
+# ----- device traffic on the simulator (--simulate) -------------------------------------
+@dataclass
+class TrafficRow:
+    gqa: int               # query heads per kv head
+    length: int            # cache tokens
+    packed_mb: float       # the quantized K/V the decode step attends over
+    read_mb: float         # device bytes all its launches read (each byte once per threadgroup)
+    ratio: float           # read / packed: 1 when every cache byte is read once
+    launches: int          # kernel launches of the attention call
+
+
+TRAFFIC_HEADER = (f"{'gqa':>4} {'tokens':>7} {'packed KV MB':>12} {'read MB':>8} "
+                  f"{'read/packed':>11} {'launches':>8}")
+
+
+def format_traffic_row(r: TrafficRow) -> str:
+    return (f"{r.gqa:4d} {r.length:7d} {r.packed_mb:12.3f} {r.read_mb:8.3f} {r.ratio:11.2f} "
+            f"{r.launches:8d}")
+
+
+def run_traffic_bench(*, lengths, ratios=(1, 3, 4, 8), bits: int = 4, group_size: int = 64,
+                      head_dim: int = 64, dtype=mx.float16, log=print) -> list[TrafficRow]:
+    """Device bytes one decode query's fused attention reads, per GQA ratio and cache
+    length, on the profiling simulator (one kv head: the figure is per kv head)."""
+    from .metalsim import Simulator
+
+    sim = Simulator(profile=True)
+    rows = []
+    with simulated(sim):
+        for r in ratios:
+            for n in lengths:
+                k1, k2, k3 = mx.random.split(mx.random.key(n + r), 3)
+                q = mx.random.normal((1, r, 1, head_dim), key=k1).astype(dtype)
+                k = mx.random.normal((1, 1, n, head_dim), key=k2).astype(dtype)
+                v = mx.random.normal((1, 1, n, head_dim), key=k3).astype(dtype)
+                ring = QuantizedKV(keys=mx.quantize(k, group_size=group_size, bits=bits),
+                                   values=mx.quantize(v, group_size=group_size, bits=bits),
+                                   length=n, key_bits=bits, key_group=group_size,
+                                   value_bits=bits, value_group=group_size)
+                empty = mx.zeros((1, 1, 0, head_dim), dtype)
+                mx.eval(q, *ring.keys, *ring.values)
+                before = len(sim.traffic)
+                mx.eval(sdpa_quantized(q, scale=head_dim ** -0.5, ring=ring, float_keys=empty,
+                                       float_values=empty))
+                launches = sim.traffic[before:]
+                packed = sum(a.nbytes for a in (*ring.keys, *ring.values))
+                read = sum(sum(t.read.values()) for t in launches)
+                row = TrafficRow(gqa=r, length=n, packed_mb=packed / 1e6, read_mb=read / 1e6,
+                                 ratio=read / packed, launches=len(launches))
+                rows.append(row)
+                log(format_traffic_row(row))
+    return rows
+
+
+def decode_launches(*, tokens: int = 1024, steps: int = 4, q_heads: int = 9, kv_heads: int = 3,
+                    head_dim: int = 64) -> dict[str, float]:
+    """Kernel launches per layer per decode step, on a small random llama of the given
+    head shape, for a growing 4-bit cache and a 4-bit window evicting by snapkv."""
+    import importlib
+
+    from .cache.config import CacheConfig, make_cache
+    from .cache.route import route
+    from .metalsim import Simulator
+
+    llama = importlib.import_module("mlx_lm.models.llama")
+    args = llama.ModelArgs.from_dict(dict(
+        model_type="llama", hidden_size=q_heads * head_dim, num_hidden_layers=2,
+        intermediate_size=256, num_attention_heads=q_heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, rms_norm_eps=1e-5, vocab_size=256, rope_theta=10000.0,
+        max_position_embeddings=2 * tokens, tie_word_embeddings=True))
+    model = llama.Model(args)
+    route(model)
+    sim = Simulator()
+    out = {}
+    configs = {"4-bit": CacheConfig(key_bits=4, value_bits=4),
+               "4-bit window snapkv": CacheConfig(key_bits=4, value_bits=4, window=tokens,
+                                                  policy="snapkv")}
+    with simulated(sim):
+        for name, config in configs.items():
+            cache = make_cache(model, config)
+            logits = model(mx.random.randint(0, 256, (1, tokens)), cache=cache)
+            mx.eval(logits)
+            before = sum(sim.launches.values())
+            for _ in range(steps):
+                logits = model(mx.argmax(logits[:, -1:], axis=-1), cache=cache)
+                mx.eval(logits)
+            out[name] = (sum(sim.launches.values()) - before) / (steps * args.num_hidden_layers)
+    return out

@@ -271,13 +271,22 @@ def test_bench_kernels_cli_on_the_simulator(tmp_path, monkeypatch, capsys):
     out = tmp_path / "kernels.json"
     assert main(["bench", "--kernels", "--simulate", "--kernel-lengths", "40", "600",
                  "--kernel-repeats", "1", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())
+    doc = json.loads(out.read_text())
+    rows = doc["kernels"]
     assert [r["length"] for r in rows] == [40, 600]  # one single-pass, one two-pass length
     for r in rows:
         assert r["max_error"] < 1e-2 and r["quantization_error"] < 0.2
         assert r["quantized_kv_mb"] < r["fp16_kv_mb"] / 3 and r["speedup"] > 0
+    # the simulator's counts: every cache byte read at least once, per GQA ratio and length
+    traffic = doc["traffic"]
+    assert [(t["gqa"], t["length"]) for t in traffic] == [(g, n) for g in (1, 3, 4, 8) for n in (40, 600)]
+    for t in traffic:
+        assert t["read_mb"] >= t["packed_mb"] and t["launches"] == (1 if t["length"] == 40 else 2)
+    assert min(t["ratio"] for t in traffic if t["gqa"] == 1) < 1.3
+    launches = doc["launches_per_layer_step"]
+    assert set(launches) == {"4-bit", "4-bit window snapkv"} and all(v >= 1 for v in launches.values())
     printed = capsys.readouterr().out
-    assert "x sdpa" in printed and "    600" in printed
+    assert "x sdpa" in printed and "    600" in printed and "read/packed" in printed
 
 
 def test_bench_kernels_needs_metal_or_simulate(capsys, monkeypatch):

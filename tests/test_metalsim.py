@@ -213,3 +213,18 @@ def test_bad_launch_arguments(sim):
           output_shapes=[(1,)], output_dtypes=[mx.float32])
     with pytest.raises(ValueError, match="Must specify at least one output"):
         sim.metal_kernel(name="t", input_names=["x"], output_names=[], source="")
+
+
+def test_profile_counts_device_bytes_once_per_threadgroup(tmp_path):
+    """Each input byte counts once per threadgroup that reads it; every written byte counts."""
+    sim = Simulator(cache=tmp_path, profile=True)
+    k = sim.metal_kernel(name="axpy", input_names=["a", "x"], output_names=["y"],
+                         source="uint i = thread_position_in_grid.x;\n"
+                                "y[i] = a[0] * x[i] + a[1] + x[i];")
+    x = mx.arange(1024, dtype=mx.float32)
+    (y,) = k(inputs=[mx.full((16,), 2.0), x], grid=(1024, 1, 1), threadgroup=(256, 1, 1),
+             output_shapes=[x.shape], output_dtypes=[x.dtype])
+    assert np.array_equal(np.array(y), 3 * np.arange(1024) + 2)
+    (t,) = sim.traffic
+    # a[0], a[1] (8 bytes) in each of 4 threadgroups; x read twice, counted once; y written once
+    assert t.read == {"a": 32, "x": 4096} and t.written == {"y": 4096} and t.threadgroups == 4

@@ -19,7 +19,8 @@ from .common import add_model_flags, load_for_args
 
 def run_kernels(args) -> int:
     from ..cache.codec import default_group
-    from ..kernel_bench import (KERNEL_HEADER, KERNEL_TOLERANCE, NEEDS_METAL, run_kernel_bench, simulated,
+    from ..kernel_bench import (KERNEL_HEADER, KERNEL_TOLERANCE, NEEDS_METAL, TRAFFIC_HEADER,
+                               decode_launches, run_kernel_bench, run_traffic_bench, simulated,
                                supported_on_this_machine)
 
     lengths = args.kernel_lengths
@@ -44,9 +45,25 @@ def run_kernels(args) -> int:
                                 kv_heads=heads[1], head_dim=args.kernel_head_dim,
                                 group_size=default_group(args.kernel_head_dim),
                                 repeats=args.kernel_repeats)
+    traffic, launches = [], {}
+    if args.simulate:  # what only the simulator can count: device bytes and launches
+        print(f"\ndevice bytes one decode step's attention reads (per kv head, "
+              f"{args.kernel_bits}-bit K/V, head dim {args.kernel_head_dim}):")
+        print(TRAFFIC_HEADER)
+        traffic = run_traffic_bench(lengths=lengths, bits=args.kernel_bits,
+                                    head_dim=args.kernel_head_dim,
+                                    group_size=default_group(args.kernel_head_dim))
+        launches = decode_launches(q_heads=heads[0], kv_heads=heads[1],
+                                   head_dim=args.kernel_head_dim)
+        print("\nkernel launches per layer per decode step (1024 tokens): "
+              + ", ".join(f"{k} {v:g}" for k, v in launches.items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=1)
+            doc = [asdict(r) for r in rows]
+            if args.simulate:
+                doc = {"kernels": doc, "traffic": [asdict(r) for r in traffic],
+                       "launches_per_layer_step": launches}
+            json.dump(doc, f, indent=1)
     bad = [r.length for r in rows if not r.max_error <= KERNEL_TOLERANCE]
     if bad:
         print(f"mlxkv: error: the fused kernel disagrees with its reference at {bad} tokens "

@@ -59,6 +59,7 @@ import signal
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -80,6 +81,20 @@ _NUMPY = {
 CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fvisibility=hidden",
             "-fsingle-precision-constant", "-fwrapv", "-fno-strict-aliasing",
             "-Wno-attributes", "-Wno-unused-variable", "-Wno-unused-parameter"]
+
+# the compiler calls __tsan_readN/__tsan_writeN at every access; shim.h counts them
+PROFILE_FLAGS = ["-fsanitize=thread", "-DMLXKV_SIM_PROFILE"]
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Device memory one profiled launch touched, in bytes: ``read`` per input (each byte
+    once per threadgroup), ``written`` per output."""
+    name: str
+    read: dict
+    written: dict
+    threadgroups: int
+
 
 class SimulatorError(RuntimeError):
     """A simulated kernel failed: compile error, divergent collective, deadlock, crash,
@@ -123,12 +138,16 @@ class Simulator:
     seed: 0 runs threadgroups and threads in index order; other values shuffle both
     (seeded), to shake out order dependence. timeout: seconds per launch. strict: check
     each instantiation with the strict front end first (``strict.py``; needs clang).
+    profile: count the device bytes each launch reads and writes (``traffic``; builds
+    instrumented, several times slower).
     """
 
     def __init__(self, *, seed: int = 0, timeout: float = 120.0, cache: Path | None = None,
-                 strict: bool = True):
+                 strict: bool = True, profile: bool = False):
         self.seed = seed
         self.strict = strict
+        self.profile = profile
+        self.traffic: list[Traffic] = []  # one per launch, when profiling
         self.timeout = timeout
         self.cache = Path(cache) if cache else cache_dir() / "metalsim"
         self.launches = collections.Counter()  # kernel name -> simulated launches
@@ -151,7 +170,8 @@ class Simulator:
         """Compile (or reuse) the shared library for this instantiation."""
         cxx, version = _compiler()
         source = spec.cxx_source(inputs, output_dtypes, template)
-        parts = [source, (_shim_dir() / "shim.h").read_text(), version, " ".join(CXXFLAGS)]
+        flags = CXXFLAGS + (PROFILE_FLAGS if self.profile else [])
+        parts = [source, (_shim_dir() / "shim.h").read_text(), version, " ".join(flags)]
         if self.strict:  # a library in the cache passed the strict front end when built
             parts += [(_shim_dir() / "strict.h").read_text(), _strict_clang()[1],
                       " ".join(_strict.CLANG_FLAGS), str(_strict.MAX_THREADGROUP_BYTES)]
@@ -170,8 +190,16 @@ class Simulator:
             src = Path(tmp) / f"{spec.name}.cpp"
             src.write_text(source)
             out = Path(tmp) / "kernel.so"
-            proc = subprocess.run([cxx, *CXXFLAGS, "-I", str(_shim_dir()), str(src), "-o", str(out)],
-                                  capture_output=True, text=True)
+            if self.profile:  # instrumented object, linked without the sanitizer's runtime
+                obj = Path(tmp) / "kernel.o"
+                proc = subprocess.run([cxx, *flags, "-c", "-I", str(_shim_dir()), str(src),
+                                       "-o", str(obj)], capture_output=True, text=True)
+                if not proc.returncode:
+                    proc = subprocess.run([cxx, "-shared", str(obj), "-o", str(out)],
+                                          capture_output=True, text=True)
+            else:
+                proc = subprocess.run([cxx, *flags, "-I", str(_shim_dir()), str(src), "-o", str(out)],
+                                      capture_output=True, text=True)
             if proc.returncode:
                 errors = "\n".join(line for line in proc.stderr.splitlines()
                                    if "error" in line or line.startswith(" "))[:4000]
@@ -204,11 +232,12 @@ class Simulator:
         lib = self.build(spec, inputs, output_dtypes, template)
 
         # Buffers in MLX's binding order: each input (+ shape, strides, ndim), outputs.
-        keep, pointers = [], []
+        keep, pointers, ranges = [], [], []
         for x, (shape, strides, ndim) in zip(inputs, spec.shape_infos):
             a = _to_numpy(x)
             keep.append(a)
             pointers.append(a.ctypes.data)
+            ranges.append((a.ctypes.data, a.ctypes.data + a.nbytes))
             if x.ndim == 0:
                 continue
             extras = []
@@ -235,14 +264,24 @@ class Simulator:
                              else fill.astype(npdt))
             outputs.append((buf, view, dt))
             pointers.append(ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+            ranges.append((pointers[-1], pointers[-1] + int(np.prod(shape)) * npdt.itemsize))
         ptr_array = (ctypes.c_void_p * len(pointers))(*pointers)
         grid_arr = (ctypes.c_uint32 * 3)(*grid)
         group_arr = (ctypes.c_uint32 * 3)(*group)
-        self._run(spec.name, lib, ptr_array, grid_arr, group_arr)
+        counts = mmap.mmap(-1, 16 * len(ranges)) if self.profile else None  # shared with the worker
+        self._run(spec.name, lib, ptr_array, grid_arr, group_arr, ranges, counts)
         self.launches[spec.name] += 1
+        if counts is not None:
+            c = np.frombuffer(counts, np.uint64).reshape(-1, 2).tolist()
+            n_in = len(inputs)
+            groups = int(np.prod([-(-g // t) for g, t in zip(grid, group)]))
+            self.traffic.append(Traffic(
+                spec.name, read=dict(zip(spec.input_names, (r for r, _ in c[:n_in]))),
+                written=dict(zip(spec.output_names, (w for _, w in c[n_in:]))),
+                threadgroups=groups))
         return [_from_numpy(view.copy(), dt) for _, view, dt in outputs]
 
-    def _run(self, name, lib, ptrs, grid, group):
+    def _run(self, name, lib, ptrs, grid, group, ranges=(), counts=None):
         report = mmap.mmap(-1, 4096)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process
@@ -254,6 +293,10 @@ class Simulator:
                 signal.signal(signal.SIGALRM, signal.SIG_DFL)
                 signal.setitimer(signal.ITIMER_REAL, self.timeout)
                 so = ctypes.CDLL(str(lib))
+                if counts is not None:
+                    flat = (ctypes.c_uint64 * (2 * len(ranges)))(*[v for r in ranges for v in r])
+                    target = ctypes.addressof(ctypes.c_char.from_buffer(counts))
+                    so.mlxkv_sim_profile(flat, len(ranges), ctypes.c_void_p(target))
                 err = ctypes.create_string_buffer(2048)
                 so.mlxkv_sim_run.restype = ctypes.c_int
                 code = so.mlxkv_sim_run(ptrs, grid, group, ctypes.c_uint64(self.seed), err, 2048)

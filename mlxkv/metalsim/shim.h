@@ -405,6 +405,61 @@ inline void free_stacks() {
 
 inline uint32_t ceil_div(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
 
+// ----- profiling: device bytes each launch reads and writes --------------------------
+// With MLXKV_SIM_PROFILE the kernel is compiled with -fsanitize=thread, which makes the
+// compiler call __tsan_readN/__tsan_writeN before every memory access; the definitions
+// below (no sanitizer runtime is linked) count the accesses that fall in the launch's
+// buffers. Reads count each byte once per threadgroup (what its cache would serve again
+// is not device traffic), so a K/V byte read by r threadgroups counts r times; writes
+// count every byte written.
+#if defined(MLXKV_SIM_PROFILE)
+namespace profile {
+// Plain arrays only: anything instrumented here would call back into access().
+constexpr int kMaxBuffers = 64;
+struct Buffer {
+  uintptr_t lo, hi;
+  uint8_t* seen;      // one flag per byte, cleared between threadgroups
+  uint32_t* touched;  // offsets flagged in this threadgroup
+  size_t ntouched;
+};
+inline Buffer buffers[kMaxBuffers];
+inline int nbuffers = 0;
+inline uint64_t* counts = nullptr;  // [read, written] per buffer, shared with the parent
+
+__attribute__((no_sanitize_thread)) inline void access(const void* p, size_t n, bool write) {
+  uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (int k = 0; k < nbuffers; k++) {
+    Buffer& b = buffers[k];
+    if (a < b.lo || a >= b.hi) continue;
+    if (write) {
+      counts[2 * k + 1] += n;
+      return;
+    }
+    size_t off = a - b.lo, end = off + n, size = b.hi - b.lo;
+    for (size_t i = off; i < end && i < size; i++) {
+      if (!b.seen[i]) {
+        b.seen[i] = 1;
+        b.touched[b.ntouched++] = uint32_t(i);
+        counts[2 * k] += 1;
+      }
+    }
+    return;
+  }
+}
+
+__attribute__((no_sanitize_thread)) inline void begin_group() {
+  for (int k = 0; k < nbuffers; k++) {
+    Buffer& b = buffers[k];
+    for (size_t i = 0; i < b.ntouched; i++) b.seen[b.touched[i]] = 0;
+    b.ntouched = 0;
+  }
+}
+}  // namespace profile
+#define MLXKV_PROFILE_GROUP() ::mlxkv_sim::profile::begin_group()
+#else
+#define MLXKV_PROFILE_GROUP() ((void)0)
+#endif
+
 // Runs every threadgroup of the grid, one after another (in a seeded order when
 // seed != 0); returns 0, or 1 with a message in err.
 inline int launch(const uint32_t* grid, const uint32_t* group, uint64_t seed, bool fibers,
@@ -429,6 +484,7 @@ inline int launch(const uint32_t* grid, const uint32_t* group, uint64_t seed, bo
     uint3 size(std::min(tg.x, grid[0] - g.x * tg.x), std::min(tg.y, grid[1] - g.y * tg.y),
                std::min(tg.z, grid[2] - g.z * tg.z));
     uint32_t n = size.x * size.y * size.z;
+    MLXKV_PROFILE_GROUP();
     std::vector<Ids> ids(n);
     for (uint32_t t = 0; t < n; t++) {
       Ids& i = ids[t];
@@ -822,3 +878,100 @@ using namespace metal;
 #define constant
 #define thread
 #define threadgroup
+
+#if defined(MLXKV_SIM_PROFILE)
+// The sanitizer's entry points, defined here instead of its runtime: memory accesses go
+// to the profile, atomics do what they say (sequentially consistent), the rest nothing.
+extern "C" {
+#define MLXKV_ACCESS(n)                                                                      \
+  __attribute__((no_sanitize_thread)) void __tsan_read##n(void* p) {                         \
+    ::mlxkv_sim::profile::access(p, n, false);                                               \
+  }                                                                                          \
+  __attribute__((no_sanitize_thread)) void __tsan_unaligned_read##n(void* p) {               \
+    ::mlxkv_sim::profile::access(p, n, false);                                               \
+  }                                                                                          \
+  __attribute__((no_sanitize_thread)) void __tsan_write##n(void* p) {                        \
+    ::mlxkv_sim::profile::access(p, n, true);                                                \
+  }                                                                                          \
+  __attribute__((no_sanitize_thread)) void __tsan_unaligned_write##n(void* p) {              \
+    ::mlxkv_sim::profile::access(p, n, true);                                                \
+  }
+MLXKV_ACCESS(1)
+MLXKV_ACCESS(2)
+MLXKV_ACCESS(4)
+MLXKV_ACCESS(8)
+MLXKV_ACCESS(16)
+#undef MLXKV_ACCESS
+__attribute__((no_sanitize_thread)) void __tsan_read_range(void* p, unsigned long n) {
+  ::mlxkv_sim::profile::access(p, n, false);
+}
+__attribute__((no_sanitize_thread)) void __tsan_write_range(void* p, unsigned long n) {
+  ::mlxkv_sim::profile::access(p, n, true);
+}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit(void*) {}
+void __tsan_init() {}
+void __tsan_vptr_update(void**, void*) {}
+void __tsan_vptr_read(void**) {}
+void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void __tsan_atomic_signal_fence(int) {}
+#define MLXKV_ATOMICS(bits, T)                                                                   \
+  __attribute__((no_sanitize_thread)) T __tsan_atomic##bits##_load(const volatile T* a, int) {  \
+    return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                \
+  }                                                                                             \
+  __attribute__((no_sanitize_thread)) void __tsan_atomic##bits##_store(volatile T* a, T v, int) { \
+    __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                   \
+  }                                                                                             \
+  __attribute__((no_sanitize_thread)) T __tsan_atomic##bits##_exchange(volatile T* a, T v, int) { \
+    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                         \
+  }                                                                                             \
+  __attribute__((no_sanitize_thread)) T __tsan_atomic##bits##_fetch_add(volatile T* a, T v, int) { \
+    return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                          \
+  }                                                                                             \
+  __attribute__((no_sanitize_thread)) T __tsan_atomic##bits##_fetch_sub(volatile T* a, T v, int) { \
+    return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                          \
+  }                                                                                             \
+  __attribute__((no_sanitize_thread)) T __tsan_atomic##bits##_fetch_and(volatile T* a, T v, int) { \
+    return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST);                                          \
+  }                                                                                             \
+  __attribute__((no_sanitize_thread)) T __tsan_atomic##bits##_fetch_or(volatile T* a, T v, int) { \
+    return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST);                                           \
+  }                                                                                             \
+  __attribute__((no_sanitize_thread)) T __tsan_atomic##bits##_fetch_xor(volatile T* a, T v, int) { \
+    return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST);                                          \
+  }                                                                                             \
+  __attribute__((no_sanitize_thread)) int __tsan_atomic##bits##_compare_exchange_strong(        \
+      volatile T* a, T* c, T v, int, int) {                                                     \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);     \
+  }                                                                                             \
+  __attribute__((no_sanitize_thread)) int __tsan_atomic##bits##_compare_exchange_weak(          \
+      volatile T* a, T* c, T v, int, int) {                                                     \
+    return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);      \
+  }                                                                                             \
+  __attribute__((no_sanitize_thread)) T __tsan_atomic##bits##_compare_exchange_val(             \
+      volatile T* a, T c, T v, int, int) {                                                      \
+    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);           \
+    return c;                                                                                   \
+  }
+MLXKV_ATOMICS(8, uint8_t)
+MLXKV_ATOMICS(16, uint16_t)
+MLXKV_ATOMICS(32, uint32_t)
+MLXKV_ATOMICS(64, uint64_t)
+#undef MLXKV_ATOMICS
+
+// Called by the simulator before a profiled launch: the launch's buffers ([lo, hi) pairs)
+// and where to count (2 * n uint64: read, written), in memory the parent process reads.
+__attribute__((visibility("default"), no_sanitize_thread)) void mlxkv_sim_profile(
+    const uint64_t* ranges, int n, uint64_t* counts) {
+  namespace pf = ::mlxkv_sim::profile;
+  pf::nbuffers = n < pf::kMaxBuffers ? n : pf::kMaxBuffers;
+  for (int k = 0; k < pf::nbuffers; k++) {
+    size_t size = ranges[2 * k + 1] - ranges[2 * k];
+    pf::buffers[k] = {ranges[2 * k], ranges[2 * k + 1],
+                      static_cast<uint8_t*>(std::calloc(size + 1, 1)),
+                      static_cast<uint32_t*>(std::calloc(size + 1, sizeof(uint32_t))), 0};
+  }
+  pf::counts = counts;
+}
+}
+#endif
