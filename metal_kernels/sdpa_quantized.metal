@@ -1,41 +1,50 @@
 // Fused attention of a few query rows (decode: one) over a quantized KV cache,
-// single pass: one threadgroup of BN simdgroups per query row.
+// single pass: one threadgroup of BN simdgroups per (batch, group of R query heads
+// sharing a kv head, query row), so each cache byte is read once per group.
 // Inputs:  q (B, Hq, L, D); scale (); keys kw/ks/kb and values vw/vs/vb in the ring
 //          layouts of kv_attention.h; kf (B, H, NF, D), vf (B, H, NF, DV) the
 //          full-precision tokens (sinks, residual, the chunk itself: the last L of them
 //          are the query rows' own tokens, causal); dims = [NQ, A, NF, L, H, Hq].
 // Outputs: out (B, Hq, L, DV); with STATS scores (B, Hq, L, NQ + NF) and lse
 //          (B, Hq, L) (else both of shape (1,), unwritten).
-// Grid (32, BN, B * Hq * L), threadgroup (32, BN, 1).
+// Grid (32, BN, B * (Hq / R) * L), threadgroup (32, BN, 1).
 uint lane = thread_index_in_simdgroup;
 uint sg = simdgroup_index_in_threadgroup;
-int row = int(threadgroup_position_in_grid.z);
 int nq = dims[0], alloc = dims[1], nf = dims[2], L = dims[3], H = dims[4], Hq = dims[5];
-int l = row % L;
-int hq = (row / L) % Hq;
-int b = row / (L * Hq);
-int bh = b * H + hq / (Hq / H);
+int z = int(threadgroup_position_in_grid.z);
+int l = z % L;
+int g = (z / L) % (Hq / R);
+int b = z / (L * (Hq / R));
+int hq0 = g * R;
+int bh = b * H + hq0 / (Hq / H);
+size_t row0 = (size_t(b) * Hq + hq0) * L + l;  // head hq0 + r is row row0 + r * L
 constexpr int EV = DV / 32;
-threadgroup float tm[BN];
-threadgroup float tl[BN];
+threadgroup float tm[R * BN];
+threadgroup float tl[R * BN];
 threadgroup float to[BN * DV];
-float m, lsum;
-float o[EV];
+float m[R];
+float lsum[R];
+float o[R * EV];
+int ntok = nq + nf;
 size_t kq = KCH ? size_t(D) * (alloc * KB / 32) : size_t(alloc) * (D * KB / 32);
 size_t kg = KCH ? size_t(D) * (alloc / KG) : size_t(alloc) * (D / KG);
-mlxkv_attend_block<T, D, DV, KB, KG, VB, VG, KCH, BN, STATS>(
-    q + size_t(row) * D, float(scale),
+mlxkv_attend_block<T, D, DV, KB, KG, VB, VG, KCH, BN, R, STATS>(
+    q + row0 * D, L * D, float(scale),
     kw + bh * kq, ks + bh * kg, kb + bh * kg,
     vw + bh * size_t(alloc) * (DV * VB / 32), vs + bh * size_t(alloc) * (DV / VG),
     vb + bh * size_t(alloc) * (DV / VG),
     kf + bh * size_t(nf) * D, vf + bh * size_t(nf) * DV,
-    nq, alloc, nf - L + l + 1, 0, nq + nf, lane, sg, tm, tl, to,
-    scores + (STATS ? size_t(row) * (nq + nf) : 0), m, lsum, o);
+    nq, alloc, nf - L + l + 1, 0, ntok, lane, sg, tm, tl, to,
+    scores + (STATS ? row0 * ntok : 0), L * ntok, m, lsum, o);
 if (sg == 0) {
-  for (int e = 0; e < EV; e++) {
-    out[size_t(row) * DV + lane * EV + e] = lsum > 0.0f ? static_cast<T>(o[e] / lsum) : static_cast<T>(0);
-  }
-  if (STATS && lane == 0) {
-    lse[row] = m + log(lsum);
+  for (int r = 0; r < R; r++) {
+    size_t row = row0 + size_t(r) * L;
+    for (int e = 0; e < EV; e++) {
+      out[row * DV + lane * EV + e] =
+          lsum[r] > 0.0f ? static_cast<T>(o[r * EV + e] / lsum[r]) : static_cast<T>(0);
+    }
+    if (STATS && lane == 0) {
+      lse[row] = m[r] + log(lsum[r]);
+    }
   }
 }

@@ -1,45 +1,53 @@
-// Split-K pass 1 of the fused quantized-cache attention (long caches): the tokens of
-// each query row are cut into NB blocks of BS; one threadgroup of BN simdgroups per
-// (row, block) writes the block's unnormalized output and its softmax max and sum.
+// Split-K pass 1 of the fused quantized-cache attention (long caches): the tokens are
+// cut into NB blocks of BS; one threadgroup of BN simdgroups per (batch, group of R
+// query heads sharing a kv head, query row, block) reads its block of the cache once
+// and writes, per head, the block's unnormalized output and its softmax max and sum.
 // Inputs:  as sdpa_quantized.metal, dims = [NQ, A, NF, L, H, Hq, NB, BS].
-// Outputs: po (rows, NB, DV) float32, pm (rows, NB), pl (rows, NB); with STATS
-//          scores (rows, NQ + NF) (else (1,), unwritten).
-// Grid (32, BN, rows * NB), threadgroup (32, BN, 1).
+// Outputs: po (rows, NB, DV) of type T, pm (rows, NB), pl (rows, NB) float32,
+//          rows = B * Hq * L;
+//          with STATS scores (rows, NQ + NF) (else (1,), unwritten).
+// Grid (32, BN, B * (Hq / R) * L * NB), threadgroup (32, BN, 1).
 uint lane = thread_index_in_simdgroup;
 uint sg = simdgroup_index_in_threadgroup;
 int nq = dims[0], alloc = dims[1], nf = dims[2], L = dims[3], H = dims[4], Hq = dims[5];
 int nb = dims[6], bs = dims[7];
 int block = int(threadgroup_position_in_grid.z) % nb;
-int row = int(threadgroup_position_in_grid.z) / nb;
-int l = row % L;
-int hq = (row / L) % Hq;
-int b = row / (L * Hq);
-int bh = b * H + hq / (Hq / H);
+int z = int(threadgroup_position_in_grid.z) / nb;
+int l = z % L;
+int g = (z / L) % (Hq / R);
+int b = z / (L * (Hq / R));
+int hq0 = g * R;
+int bh = b * H + hq0 / (Hq / H);
+size_t row0 = (size_t(b) * Hq + hq0) * L + l;  // head hq0 + r is row row0 + r * L
 constexpr int EV = DV / 32;
-threadgroup float tm[BN];
-threadgroup float tl[BN];
+threadgroup float tm[R * BN];
+threadgroup float tl[R * BN];
 threadgroup float to[BN * DV];
-float m, lsum;
-float o[EV];
+float m[R];
+float lsum[R];
+float o[R * EV];
+int ntok = nq + nf;
 size_t kq = KCH ? size_t(D) * (alloc * KB / 32) : size_t(alloc) * (D * KB / 32);
 size_t kg = KCH ? size_t(D) * (alloc / KG) : size_t(alloc) * (D / KG);
 int t0 = block * bs;
-int t1 = min(t0 + bs, nq + nf);
-mlxkv_attend_block<T, D, DV, KB, KG, VB, VG, KCH, BN, STATS>(
-    q + size_t(row) * D, float(scale),
+int t1 = min(t0 + bs, ntok);
+mlxkv_attend_block<T, D, DV, KB, KG, VB, VG, KCH, BN, R, STATS>(
+    q + row0 * D, L * D, float(scale),
     kw + bh * kq, ks + bh * kg, kb + bh * kg,
     vw + bh * size_t(alloc) * (DV * VB / 32), vs + bh * size_t(alloc) * (DV / VG),
     vb + bh * size_t(alloc) * (DV / VG),
     kf + bh * size_t(nf) * D, vf + bh * size_t(nf) * DV,
     nq, alloc, nf - L + l + 1, t0, t1, lane, sg, tm, tl, to,
-    scores + (STATS ? size_t(row) * (nq + nf) : 0), m, lsum, o);
+    scores + (STATS ? row0 * ntok : 0), L * ntok, m, lsum, o);
 if (sg == 0) {
-  size_t at = size_t(row) * nb + block;
-  for (int e = 0; e < EV; e++) {
-    po[at * DV + lane * EV + e] = o[e];
-  }
-  if (lane == 0) {
-    pm[at] = m;
-    pl[at] = lsum;
+  for (int r = 0; r < R; r++) {
+    size_t at = (row0 + size_t(r) * L) * nb + block;
+    for (int e = 0; e < EV; e++) {
+      po[at * DV + lane * EV + e] = static_cast<T>(o[r * EV + e]);
+    }
+    if (lane == 0) {
+      pm[at] = m[r];
+      pl[at] = lsum[r];
+    }
   }
 }

@@ -1,5 +1,5 @@
 // Split-K pass 2: combines the NB block results of pass 1 into each row's output.
-// Inputs:  po (rows, NB, DV) float32, pm (rows, NB), pl (rows, NB); dims = [NB].
+// Inputs:  po (rows, NB, DV) of type T, pm (rows, NB), pl (rows, NB) float32; dims = [NB].
 // Outputs: out (rows, DV) of type T; with STATS lse (rows,) (else (1,), unwritten).
 // Grid (32, 1, rows), threadgroup (32, 1, 1): lane owns DV/32 output elements.
 uint lane = thread_index_in_simdgroup;
@@ -23,7 +23,7 @@ for (int i = 0; i < nb; i++) {
   float f = exp(pm[at + i] - m);
   lsum += pl[at + i] * f;
   for (int e = 0; e < EV; e++) {
-    o[e] += po[(at + i) * DV + lane * EV + e] * f;
+    o[e] += float(po[(at + i) * DV + lane * EV + e]) * f;
   }
 }
 for (int e = 0; e < EV; e++) {

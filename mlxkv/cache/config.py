@@ -208,7 +208,8 @@ def make_cache(model, config: CacheConfig | None = None, *, batch_size: int = 1)
     every plain full-attention ``KVCache`` replaced by the cache ``config`` asks for.
     Layers with a cache of their own kind (sliding-window, state-space) keep it.
     ``batch_size``: the sequences fed at once (the adaptive allocator takes one)."""
-    from .route import is_routed, learned_sinks, model_dtype, model_head_dim
+    from .route import (is_routed, learned_sinks, model_dtype, model_head_dim, model_kv_heads,
+                        model_q_heads)
 
     config = (config or CacheConfig()).resolve(model_head_dim(model))
     if config.allocator == "adaptive" and batch_size != 1:
@@ -233,7 +234,8 @@ def make_cache(model, config: CacheConfig | None = None, *, batch_size: int = 1)
         caches[i] = config.layer_cache(i, window, budgets[n])
     if ours and config.kind != "full":
         # every layer's cache uses the same kernels: compile them now, not mid-generation
-        preflight(caches[ours[0]], dtype=model_dtype(model), head_dim=model_head_dim(model))
+        preflight(caches[ours[0]], dtype=model_dtype(model), head_dim=model_head_dim(model),
+                  gqa=model_q_heads(model) // model_kv_heads(model))
     return caches
 
 

@@ -45,16 +45,17 @@ def attend_fused(q, scale, ring: QuantizedKV, fk, fv, *, sinks: int,
     return out, mass
 
 
-def preflight(cache, *, dtype: mx.Dtype, head_dim: int) -> None:
+def preflight(cache, *, dtype: mx.Dtype, head_dim: int, gqa: int) -> None:
     """Compile and run once, on tiny inputs and each in its own evaluation, every Metal
     kernel instantiation ``cache``'s decode steps will use (the ring's quantizer, both
     variants of the fused attention, the attention mass a scoring policy reads), so the
     first use of each mid-generation costs no compile, and one Apple's compiler rejects
-    is turned off now (``kernels._metal.launch``). Nothing to do without Metal."""
+    is turned off now (``kernels._metal.launch``). ``gqa``: query heads per kv head (the
+    kernels are built per group of query heads). Nothing to do without Metal."""
     layout, eviction = cache.layout, cache.eviction
     if not metal_enabled() or not (layout.kc.bits or layout.vc.bits):
         return
-    x = mx.zeros((1, 1, 1, head_dim), dtype)
+    x = mx.zeros((1, gqa, 1, head_dim), dtype)
     for codec in (layout.kc, layout.vc):
         if codec.bits is not None:
             mx.eval(codec.encode(mx.zeros((1, 1, codec.block, head_dim), dtype)))

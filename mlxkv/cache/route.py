@@ -94,6 +94,10 @@ def model_head_dim(model) -> int:
     return getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
 
 
+def model_q_heads(model) -> int:
+    return model.args.num_attention_heads
+
+
 def model_kv_heads(model) -> int:
     return model.args.num_key_value_heads or model.args.num_attention_heads
 

@@ -4,8 +4,12 @@ The cache is a quantized ring (``QuantizedKV``: mlxkv's codec layouts, keys per 
 per channel, values per token, 2/3/4/8 bits) followed by full-precision tokens (sinks,
 residual, and for a chunk of L > 1 queries the chunk itself, causal). The kernel unpacks
 and dequantizes K and V as it goes with an online softmax: no dequantized copy of the
-cache and no score matrix. Long caches use a split-K two-pass variant. Rotated keys need
-nothing here: the cache rotates the query once before calling.
+cache and no score matrix. One threadgroup serves all query heads of a GQA group (up to
+``MAX_GROUP``), so each cache byte is read and dequantized once per group, not once per
+query head. When there are too few (batch, group, row) threadgroups to fill the GPU the
+tokens are split into blocks (a two-pass, split-K variant), as many as needed to reach
+about ``TARGET_THREADGROUPS``. Rotated keys need nothing here: the cache rotates the query
+once before calling.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from . import _metal
 from .quantize_rows import BITS
 
 SIMDGROUPS = 8         # simdgroups per threadgroup
-BLOCK = 256            # tokens per threadgroup in the two-pass variant
-SINGLE_PASS_MAX = 512  # longer caches use two passes
+MAX_GROUP = 8          # query heads one threadgroup serves (a divisor of the GQA ratio)
+TARGET_THREADGROUPS = 128  # enough to fill a Mac's GPU: the split count aims at it
+MIN_BLOCK = 256        # tokens per threadgroup, at least, when the cache is split
 KERNELS = ("sdpa_quantized", "sdpa_quantized_pass1", "sdpa_quantized_pass2")
 
 
@@ -81,7 +86,25 @@ def _dims_ok(ring: QuantizedKV | None, q, fk, fv) -> bool:
     return ok
 
 
-def _template(ring: QuantizedKV | None, q, DV: int, stats: bool) -> list:
+def group_size(q_heads: int, kv_heads: int) -> int:
+    """Query heads per threadgroup: the largest divisor of the GQA ratio up to MAX_GROUP."""
+    rep = q_heads // kv_heads
+    return max(r for r in range(1, min(rep, MAX_GROUP) + 1) if rep % r == 0)
+
+
+def split(q, fk, ring: QuantizedKV | None, passes=None) -> int:
+    """Blocks the tokens are cut into (1: single pass): enough (batch, group, row, block)
+    threadgroups to reach TARGET_THREADGROUPS, blocks of at least MIN_BLOCK tokens."""
+    B, Hq, L, _ = q.shape
+    tokens = (0 if ring is None else ring.length) + max(fk.shape[2], 1)
+    groups = B * (Hq // group_size(Hq, fk.shape[1])) * L
+    nb = max(1, min(-(-TARGET_THREADGROUPS // groups), -(-tokens // MIN_BLOCK)))
+    if passes is not None:
+        nb = 1 if passes == 1 else max(nb, 2)
+    return nb
+
+
+def _template(ring: QuantizedKV | None, q, DV: int, R: int, stats: bool) -> list:
     dt, D = q.dtype, q.shape[-1]
     if ring is None or ring.length == 0:  # no ring: any valid widths (nothing is read)
         kb_, vb_, kg, vg, kch = 4, 4, 32, 32, False
@@ -89,15 +112,13 @@ def _template(ring: QuantizedKV | None, q, DV: int, stats: bool) -> list:
         kb_, vb_, kg, vg = ring.key_bits, ring.value_bits, ring.key_group, ring.value_group
         kch = ring.key_mode == "channel"
     return [("T", dt), ("D", D), ("DV", DV), ("KB", kb_), ("KG", kg), ("VB", vb_),
-            ("VG", vg), ("KCH", kch), ("BN", SIMDGROUPS), ("STATS", bool(stats))]
+            ("VG", vg), ("KCH", kch), ("BN", SIMDGROUPS), ("R", R), ("STATS", bool(stats))]
 
 
 def _plan(ring: QuantizedKV | None, q, fk, fv, stats: bool, passes=None) -> list[tuple]:
     """The (kernel, template) launches of one call, in order."""
-    template = _template(ring, q, fv.shape[-1], stats)
-    T = (0 if ring is None else ring.length) + max(fk.shape[2], 1)
-    two_pass = (T > SINGLE_PASS_MAX) if passes is None else passes == 2
-    if not two_pass:
+    template = _template(ring, q, fv.shape[-1], group_size(q.shape[1], fk.shape[1]), stats)
+    if split(q, fk, ring, passes) == 1:
         return [("sdpa_quantized", template)]
     return [("sdpa_quantized_pass1", template),
             ("sdpa_quantized_pass2", [("T", q.dtype), ("DV", fv.shape[-1]), ("STATS", bool(stats))])]
@@ -117,6 +138,7 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, stats=Fals
         keys, values, nq, alloc = ring.keys, ring.values, ring.length, ring.allocated
     T = nq + nf
     rows = B * Hq * L
+    groups = B * (Hq // group_size(Hq, H)) * L  # threadgroups per token block
     plan = _plan(ring, q, float_keys, float_values, stats, passes)
     template = plan[0][1]
     inputs = [q, mx.array(scale, mx.float32), *keys, *values, float_keys, float_values]
@@ -126,20 +148,21 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, stats=Fals
         outs = _metal.launch(
             "sdpa_quantized", names, ["out", "scores", "lse"], header="kv_attention.h",
             inputs=inputs + [mx.array([nq, alloc, nf, L, H, Hq], mx.int32)], template=template,
-            grid=(32, SIMDGROUPS, rows), threadgroup=(32, SIMDGROUPS, 1),
+            grid=(32, SIMDGROUPS, groups), threadgroup=(32, SIMDGROUPS, 1),
             output_shapes=[(B, Hq, L, DV), score_shape, (B, Hq, L) if stats else (1,)],
             output_dtypes=[dt, mx.float32, mx.float32])
         if outs is None:
             return None
         out, scores, lse = outs
     else:
-        nb = -(-T // BLOCK)
+        nb = split(q, float_keys, ring, passes)
+        bs = -(-T // nb)
         outs = _metal.launch(
             "sdpa_quantized_pass1", names, ["po", "pm", "pl", "scores"], header="kv_attention.h",
-            inputs=inputs + [mx.array([nq, alloc, nf, L, H, Hq, nb, BLOCK], mx.int32)],
-            template=template, grid=(32, SIMDGROUPS, rows * nb), threadgroup=(32, SIMDGROUPS, 1),
+            inputs=inputs + [mx.array([nq, alloc, nf, L, H, Hq, nb, bs], mx.int32)],
+            template=template, grid=(32, SIMDGROUPS, groups * nb), threadgroup=(32, SIMDGROUPS, 1),
             output_shapes=[(rows, nb, DV), (rows, nb), (rows, nb), score_shape],
-            output_dtypes=[mx.float32] * 4)
+            output_dtypes=[dt] + [mx.float32] * 3)  # partial outputs in the input dtype
         if outs is None:
             return None
         po, pm, pl, scores = outs
