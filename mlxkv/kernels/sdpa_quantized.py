@@ -204,6 +204,12 @@ def fused_available(ring: QuantizedKV | None, q, float_keys, float_values, *,
     """Whether ``sdpa_quantized`` would run the Metal kernel for these arrays (callers
     with a faster non-Metal path of their own use it to choose): Metal is on, the shapes
     are supported, and none of the kernel instantiations it needs failed here."""
+    # Per-channel (KIVI) keys are laid out along tokens: the kernel's lanes would read a
+    # cache line per element. Until they get a coalesced layout they take the dispatcher's
+    # reference (the cache's own path: MLX's quantized matmuls). ``sdpa_quantized_metal``
+    # still runs them, for tests.
+    if ring is not None and ring.length and ring.key_mode == "channel":
+        return False
     return _metal.use_metal(_dims_ok(ring, q, float_keys, float_values)) and not any(
         _metal.failed(name, template)
         for name, template in _plan(ring, q, float_keys, float_values, stats))
