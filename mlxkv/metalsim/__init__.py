@@ -45,6 +45,10 @@ What it cannot emulate (kernels here stay inside these lines):
   anything outside ``strict.h``'s declarations are only seen on a Mac (the README says
   how to check there);
 - it is eager: each call evaluates its inputs and returns computed arrays.
+
+This module is a little over 300 lines on purpose: it is one launch's life (build, bind
+the buffers, run in a forked worker, read the results and the profile), which reads best
+in one place; what MLX generates is ``source.py``, the strict front end ``strict.py``.
 """
 
 from __future__ import annotations
