@@ -48,7 +48,11 @@ class FloatCodec:
         return (mx.concatenate([x, pad], axis=2),)
 
     def write(self, state, slot, x):
-        state[0][..., slot : slot + x.shape[2], :] = x
+        self.store(state, slot, (x,), x.shape[2])
+
+    def store(self, state, slot, parts, n):
+        """Put ``parts`` (this codec's storage of n tokens) into slots ``slot .. slot + n``."""
+        state[0][..., slot : slot + n, :] = parts[0]
 
     def encode(self, x):
         return (x,)
@@ -103,8 +107,10 @@ class AffineCodec:
         return quantize_rows(rows, bits=self.bits, group_size=self.group)
 
     def write(self, state, slot, x):
-        w, s, b = self.encode(x)
-        n = x.shape[2]
+        self.store(state, slot, self.encode(x), x.shape[2])
+
+    def store(self, state, slot, parts, n):
+        w, s, b = parts
         if self.axis == "token":
             for dst, src in zip(state, (w, s, b)):
                 dst[..., slot : slot + n, :] = src
@@ -137,6 +143,19 @@ class AffineCodec:
 
 
 FLOAT = FloatCodec()
+
+
+def encode_pair(key_codec, value_codec, keys: mx.array, values: mx.array) -> tuple[tuple, tuple]:
+    """The storage of the same tokens' keys and values: one quantizer launch for both
+    when they share a codec and a shape (rows are quantized one by one, so the codes are
+    those two calls would give), else one each."""
+    same = (key_codec == value_codec and key_codec.bits is not None and key_codec.axis == "token"
+            and keys.shape == values.shape and keys.dtype == values.dtype)
+    if not same:
+        return key_codec.encode(keys), value_codec.encode(values)
+    both = key_codec.encode(mx.concatenate([keys, values], axis=0))
+    B = keys.shape[0]
+    return tuple(a[:B] for a in both), tuple(a[B:] for a in both)
 
 
 def make_codec(bits: int | None, group_size: int, axis: str = "token"):

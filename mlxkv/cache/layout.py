@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .codec import encode_pair
+
 STEP = 256  # buffers grow in steps of this many tokens
 
 
@@ -112,8 +114,9 @@ class Layout:
 
     def write_ring(self, slot: int, keys: mx.array, values: mx.array) -> None:
         """Encode ``keys``/``values`` (B, H, n, D) into ring slots ``slot .. slot + n``."""
-        self.kc.write(self.ring_keys, slot, keys)
-        self.vc.write(self.ring_values, slot, values)
+        ek, ev = encode_pair(self.kc, self.vc, keys, values)
+        self.kc.store(self.ring_keys, slot, ek, keys.shape[2])
+        self.vc.store(self.ring_values, slot, ev, values.shape[2])
 
     def ring_slots(self) -> tuple[tuple, tuple]:
         """The storage of the slots in use: (key parts, value parts)."""

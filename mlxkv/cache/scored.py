@@ -24,6 +24,7 @@ import mlx.core as mx
 
 from ..policies import Policy
 from .base import CompressedCache
+from .codec import encode_pair
 from .eviction import Eviction
 from .layout import Layout
 from .window import window_layout
@@ -100,7 +101,7 @@ class Scored(Eviction):
         self.tail = tail[..., n:]
         pos = mx.broadcast_to(pos.astype(mx.int32), (B, H, n))
         keys, values, score, pos, head = self.slots.arrange(keys, values, score, pos)
-        new_k, new_v = layout.kc.encode(keys), layout.vc.encode(values)
+        new_k, new_v = encode_pair(layout.kc, layout.vc, keys, values)
         if layout.ring_len:
             join = lambda a, b: mx.concatenate([a, b], axis=2)  # noqa: E731
             held_k, held_v = layout.ring_slots()
