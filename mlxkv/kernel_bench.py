@@ -40,6 +40,23 @@ class KernelRow:
     quantization_error: float  # fused kernel vs fp16 SDPA (what the bits cost)
 
 
+def _decode_case(n: int, *, q_heads: int, kv_heads: int, head_dim: int, bits: int,
+                 group_size: int, dtype, seed: int, quantize):
+    """One decode query over a random cache of ``n`` tokens, evaluated: (q, k, v, the
+    ring ``quantize`` made of k and v, no float tokens)."""
+    k1, k2, k3 = mx.random.split(mx.random.key(seed), 3)
+    q = mx.random.normal((1, q_heads, 1, head_dim), key=k1).astype(dtype)
+    k = mx.random.normal((1, kv_heads, n, head_dim), key=k2).astype(dtype)
+    v = mx.random.normal((1, kv_heads, n, head_dim), key=k3).astype(dtype)
+    ring = QuantizedKV(keys=quantize(k, bits=bits, group_size=group_size),
+                       values=quantize(v, bits=bits, group_size=group_size), length=n,
+                       key_bits=bits, key_group=group_size, value_bits=bits,
+                       value_group=group_size)
+    empty = mx.zeros((1, kv_heads, 0, head_dim), dtype)
+    mx.eval(q, k, v, *ring.keys, *ring.values)
+    return q, k, v, ring, empty
+
+
 def _median_ms(fn, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         mx.eval(fn())
@@ -80,17 +97,9 @@ def run_kernel_bench(*, lengths, bits: int = 4, group_size: int = 64, q_heads: i
     rows = []
     scale = head_dim ** -0.5
     for n in lengths:
-        key = mx.random.key(n)
-        k1, k2, k3 = mx.random.split(key, 3)
-        q = mx.random.normal((1, q_heads, 1, head_dim), key=k1).astype(dtype)
-        k = mx.random.normal((1, kv_heads, n, head_dim), key=k2).astype(dtype)
-        v = mx.random.normal((1, kv_heads, n, head_dim), key=k3).astype(dtype)
-        ring = QuantizedKV(keys=quantize_rows(k, bits=bits, group_size=group_size),
-                           values=quantize_rows(v, bits=bits, group_size=group_size), length=n,
-                           key_bits=bits, key_group=group_size, value_bits=bits,
-                           value_group=group_size)
-        empty = mx.zeros((1, kv_heads, 0, head_dim), dtype)
-        mx.eval(q, k, v, *ring.keys, *ring.values)
+        q, k, v, ring, empty = _decode_case(n, q_heads=q_heads, kv_heads=kv_heads,
+                                            head_dim=head_dim, bits=bits, group_size=group_size,
+                                            dtype=dtype, seed=n, quantize=quantize_rows)
         if not fused_available(ring, q, empty, empty):
             raise InputError(NEEDS_METAL)
         fused = lambda: sdpa_quantized(q, scale=scale, ring=ring, float_keys=empty,  # noqa: E731
@@ -158,16 +167,10 @@ def run_traffic_bench(*, lengths, ratios=(1, 3, 4, 8), bits: int = 4, group_size
     with simulated(sim):
         for r in ratios:
             for n in lengths:
-                k1, k2, k3 = mx.random.split(mx.random.key(n + r), 3)
-                q = mx.random.normal((1, r, 1, head_dim), key=k1).astype(dtype)
-                k = mx.random.normal((1, 1, n, head_dim), key=k2).astype(dtype)
-                v = mx.random.normal((1, 1, n, head_dim), key=k3).astype(dtype)
-                ring = QuantizedKV(keys=mx.quantize(k, group_size=group_size, bits=bits),
-                                   values=mx.quantize(v, group_size=group_size, bits=bits),
-                                   length=n, key_bits=bits, key_group=group_size,
-                                   value_bits=bits, value_group=group_size)
-                empty = mx.zeros((1, 1, 0, head_dim), dtype)
-                mx.eval(q, *ring.keys, *ring.values)
+                # mx.quantize: the quantizer is not what is measured (nor simulated)
+                q, _, _, ring, empty = _decode_case(
+                    n, q_heads=r, kv_heads=1, head_dim=head_dim, bits=bits,
+                    group_size=group_size, dtype=dtype, seed=n + r, quantize=mx.quantize)
                 before = len(sim.traffic)
                 mx.eval(sdpa_quantized(q, scale=head_dim ** -0.5, ring=ring, float_keys=empty,
                                        float_values=empty))

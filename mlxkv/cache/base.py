@@ -214,8 +214,7 @@ class CompressedCache:
         if L == 1:
             fused = fused_inputs(self.layout, self.eviction, q)
             if fused is not None:
-                rows = self.eviction.observed_rows((0, 1, 1))
-                out, mass = attend_fused(q, scale, *fused, sinks=self.layout.n_sinks, rows=rows)
+                out, mass = attend_fused(q, scale, *fused, sinks=self.layout.n_sinks)
                 if mass is not None:
                     self._observe_mass(mass)
                 return out

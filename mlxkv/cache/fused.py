@@ -6,38 +6,52 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..kernels import QuantizedKV, attention_mass, metal_enabled, sdpa_quantized
-from ..kernels.sdpa_quantized import fused_available, sdpa_quantized_metal
+from ..kernels import QuantizedKV, attention_mass, metal_enabled
+from ..kernels.sdpa_quantized import fused_available, sdpa_quantized_metal, sdpa_quantized_reference
 from .eviction import Eviction
 from .layout import Layout
 
 
+def _packed(kc, vc, keys: tuple, values: tuple, length: int) -> QuantizedKV:
+    """A ring in the codecs ``kc``/``vc`` as the fused kernel reads it."""
+    return QuantizedKV(keys=keys, values=values, length=length, key_bits=kc.bits,
+                       key_group=kc.group, value_bits=vc.bits, value_group=vc.group,
+                       key_mode=kc.axis)
+
+
+def _decode_rows(eviction: Eviction) -> tuple[int, int] | None:
+    """The rows of a decode step's query the eviction strategy learns from (None: none)."""
+    return eviction.observed_rows((0, 1, 1))
+
+
 def fused_inputs(layout: Layout, eviction: Eviction, q: mx.array):
-    """(ring, float keys, float values) for the fused decode kernel, or None: Metal is
-    on, the ring is in codecs the kernel reads, each kv head has its own ring (not a
-    shared pool), and the kernel supports the shapes."""
+    """(ring, float keys, float values, observed rows) for the fused decode kernel, or
+    None: Metal is on, the ring is in codecs the kernel reads, each kv head has its own
+    ring (not a shared pool), and the kernel supports the shapes."""
     if not (metal_enabled() and layout.ring_len and layout.kc.fusable and layout.vc.fusable
             and not eviction.shared_slots):
         return None
-    kc, vc = layout.kc, layout.vc
-    ring = QuantizedKV(keys=layout.ring_keys, values=layout.ring_values, length=layout.ring_len,
-                       key_bits=kc.bits, key_group=kc.group, value_bits=vc.bits,
-                       value_group=vc.group, key_mode=kc.axis)
+    ring = _packed(layout.kc, layout.vc, layout.ring_keys, layout.ring_values, layout.ring_len)
     fk, fv = layout.float_part()
-    stats = eviction.observed_rows((0, 1, 1)) is not None
-    return (ring, fk, fv) if fused_available(ring, q, fk, fv, stats=stats) else None
+    rows = _decode_rows(eviction)
+    return (ring, fk, fv, rows) if fused_available(ring, q, fk, fv, stats=rows is not None) else None
 
 
-def attend_fused(q, scale, ring: QuantizedKV, fk, fv, *, sinks: int,
-                 rows: tuple[int, int] | None):
+def attend_fused(q, scale, ring: QuantizedKV, fk, fv, rows: tuple[int, int] | None, *,
+                 sinks: int):
     """One decode query (B, Hq, 1, D) over the packed ring then the float tokens (the
-    first ``sinks`` of them sinks, then the residual) -> (output, mass). With ``rows`` (an eviction strategy learning from
-    attention) the same call gives each held token's attention mass (B, H, T) in segment
-    order (sinks, ring, residual); else mass is None."""
-    if rows is None:
-        return sdpa_quantized(q, scale=scale, ring=ring, float_keys=fk, float_values=fv), None
-    out, scores, lse = sdpa_quantized(q, scale=scale, ring=ring, float_keys=fk,
-                                      float_values=fv, stats=True)
+    first ``sinks`` of them sinks, then the residual) -> (output, mass), for inputs
+    ``fused_inputs`` gave. With ``rows`` (an eviction strategy learning from attention)
+    the same call gives each held token's attention mass (B, H, T) in segment order
+    (sinks, ring, residual); else mass is None."""
+    stats = rows is not None
+    args = dict(scale=scale, ring=ring, float_keys=fk, float_values=fv, stats=stats)
+    out = sdpa_quantized_metal(q, **args)
+    if out is None:  # the kernel failed on this device just now (and is turned off)
+        out = sdpa_quantized_reference(q, **args)
+    if not stats:
+        return out, None
+    out, scores, lse = out
     mass = attention_mass(scores, lse, kv_heads=fk.shape[1], rows=rows)
     nq = ring.length
     # kernel order (ring, sinks, residual) -> segment order (sinks, ring, residual)
@@ -63,12 +77,10 @@ def preflight(cache, *, dtype: mx.Dtype, head_dim: int, gqa: int) -> None:
         return
     kc, vc = layout.kc, layout.vc
     slots = max(kc.block, 32)
-    ring = QuantizedKV(keys=kc.alloc(1, 1, slots, head_dim, dtype),
-                       values=vc.alloc(1, 1, slots, head_dim, dtype), length=slots,
-                       key_bits=kc.bits, key_group=kc.group, value_bits=vc.bits,
-                       value_group=vc.group, key_mode=kc.axis)
+    ring = _packed(kc, vc, kc.alloc(1, 1, slots, head_dim, dtype),
+                   vc.alloc(1, 1, slots, head_dim, dtype), slots)
     fk = fv = mx.zeros((1, 1, 2, head_dim), dtype)
-    stats = eviction.observed_rows((0, 1, 1)) is not None
+    stats = _decode_rows(eviction) is not None
     for passes in (1, 2):
         if fused_available(ring, x, fk, fv, stats=stats):
             out = sdpa_quantized_metal(x, scale=1.0, ring=ring, float_keys=fk, float_values=fv,

@@ -23,11 +23,10 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..policies import Policy
-from .base import CompressedCache
 from .codec import encode_pair
 from .eviction import Eviction
 from .layout import Layout
-from .window import window_layout
+from .window import WindowCache
 
 
 class PerHead:
@@ -181,15 +180,12 @@ class Scored(Eviction):
         return sum(a.nbytes for a in (self.score, self.pos, self.head) if a is not None)
 
 
-class ScoredCache(CompressedCache):
-    """A window (``window.window_layout``) whose ring keeps the top-scoring tokens of
-    ``policy``, per kv head or in the pool ``slots`` gives."""
+class ScoredCache(WindowCache):
+    """A window whose ring keeps the top-scoring tokens of ``policy``, per kv head or in
+    the pool ``slots`` gives."""
 
-    def __init__(self, *, policy: Policy, recent: int = 32, slots=None, rotate: bool = False,
-                 seed: int = 0, budget: int | None = None, **window):
-        layout, capacity = window_layout(**window)
-        if layout.kc.block != 1:
+    def __init__(self, *, policy: Policy, recent: int = 32, slots=None, **window_args):
+        super().__init__(eviction=lambda capacity: Scored(policy, capacity, recent, slots),
+                         **window_args)
+        if self.layout.kc.block != 1:
             raise ValueError("a scored cache stores keys per token")
-        super().__init__(layout=layout, eviction=Scored(policy, capacity, recent, slots),
-                         rotate=rotate, seed=seed, budget=budget)
-        self.window = window["window"]

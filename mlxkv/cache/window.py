@@ -26,9 +26,12 @@ def window_layout(*, window: int, sinks: int = 4, key_bits: int | None = None,
 
 
 class WindowCache(CompressedCache):
+    """``window_layout`` + an eviction strategy made for the ring's capacity:
+    ``Positional`` here (the oldest go), a policy's scores in ``ScoredCache``."""
+
     def __init__(self, *, rotate: bool = False, seed: int = 0, budget: int | None = None,
-                 **window):
+                 eviction=Positional, **window):
         layout, capacity = window_layout(**window)
-        super().__init__(layout=layout, eviction=Positional(capacity), rotate=rotate, seed=seed,
+        super().__init__(layout=layout, eviction=eviction(capacity), rotate=rotate, seed=seed,
                          budget=budget)
         self.window = window["window"]

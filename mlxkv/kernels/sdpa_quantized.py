@@ -115,13 +115,14 @@ def _template(ring: QuantizedKV | None, q, DV: int, R: int, stats: bool) -> list
             ("VG", vg), ("KCH", kch), ("BN", SIMDGROUPS), ("R", R), ("STATS", bool(stats))]
 
 
-def _plan(ring: QuantizedKV | None, q, fk, fv, stats: bool, passes=None) -> list[tuple]:
-    """The (kernel, template) launches of one call, in order."""
+def _plan(ring: QuantizedKV | None, q, fk, fv, stats: bool, passes=None) -> tuple[int, list]:
+    """The token blocks of one call (``split``) and its (kernel, template) launches, in order."""
     template = _template(ring, q, fv.shape[-1], group_size(q.shape[1], fk.shape[1]), stats)
-    if split(q, fk, ring, passes) == 1:
-        return [("sdpa_quantized", template)]
-    return [("sdpa_quantized_pass1", template),
-            ("sdpa_quantized_pass2", [("T", q.dtype), ("DV", fv.shape[-1]), ("STATS", bool(stats))])]
+    nb = split(q, fk, ring, passes)
+    if nb == 1:
+        return nb, [("sdpa_quantized", template)]
+    return nb, [("sdpa_quantized_pass1", template),
+                ("sdpa_quantized_pass2", [("T", q.dtype), ("DV", fv.shape[-1]), ("STATS", bool(stats))])]
 
 
 def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, stats=False, passes=None):
@@ -139,7 +140,7 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, stats=Fals
     T = nq + nf
     rows = B * Hq * L
     groups = B * (Hq // group_size(Hq, H)) * L  # threadgroups per token block
-    plan = _plan(ring, q, float_keys, float_values, stats, passes)
+    nb, plan = _plan(ring, q, float_keys, float_values, stats, passes)
     template = plan[0][1]
     inputs = [q, mx.array(scale, mx.float32), *keys, *values, float_keys, float_values]
     names = ["q", "scale", "kw", "ks", "kb", "vw", "vs", "vb", "kf", "vf", "dims"]
@@ -155,7 +156,6 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, stats=Fals
             return None
         out, scores, lse = outs
     else:
-        nb = split(q, float_keys, ring, passes)
         bs = -(-T // nb)
         outs = _metal.launch(
             "sdpa_quantized_pass1", names, ["po", "pm", "pl", "scores"], header="kv_attention.h",
@@ -212,7 +212,7 @@ def fused_available(ring: QuantizedKV | None, q, float_keys, float_values, *,
         return False
     return _metal.use_metal(_dims_ok(ring, q, float_keys, float_values)) and not any(
         _metal.failed(name, template)
-        for name, template in _plan(ring, q, float_keys, float_values, stats))
+        for name, template in _plan(ring, q, float_keys, float_values, stats)[1])
 
 
 def sdpa_quantized(q: mx.array, *, scale: float, ring: QuantizedKV | None, float_keys: mx.array,

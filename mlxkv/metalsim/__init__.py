@@ -175,7 +175,8 @@ class Simulator:
         cxx, version = _compiler()
         source = spec.cxx_source(inputs, output_dtypes, template)
         flags = CXXFLAGS + (PROFILE_FLAGS if self.profile else [])
-        parts = [source, (_shim_dir() / "shim.h").read_text(), version, " ".join(flags)]
+        headers = [(_shim_dir() / h).read_text() for h in ("shim.h", "msl_math.h")]
+        parts = [source, *headers, version, " ".join(flags)]
         if self.strict:  # a library in the cache passed the strict front end when built
             parts += [(_shim_dir() / "strict.h").read_text(), _strict_clang()[1],
                       " ".join(_strict.CLANG_FLAGS), str(_strict.MAX_THREADGROUP_BYTES)]

@@ -20,6 +20,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "msl_math.h"
+
 #include <sys/mman.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -677,22 +679,7 @@ To as_type(From x) {
   inline float name(float x) { return fn(x); }                           \
   inline half name(half x) { return half(fn(float(x))); }                \
   inline bfloat16_t name(bfloat16_t x) { return bfloat16_t(fn(float(x))); }
-#define MLXKV_MATH                                \
-  MLXKV_UNARY(exp, __builtin_expf)                \
-  MLXKV_UNARY(exp2, __builtin_exp2f)              \
-  MLXKV_UNARY(log, __builtin_logf)                \
-  MLXKV_UNARY(log2, __builtin_log2f)              \
-  MLXKV_UNARY(sqrt, __builtin_sqrtf)              \
-  MLXKV_UNARY(rsqrt, 1.0f / __builtin_sqrtf)      \
-  MLXKV_UNARY(tanh, __builtin_tanhf)              \
-  MLXKV_UNARY(sin, __builtin_sinf)                \
-  MLXKV_UNARY(cos, __builtin_cosf)                \
-  MLXKV_UNARY(floor, __builtin_floorf)            \
-  MLXKV_UNARY(ceil, __builtin_ceilf)              \
-  MLXKV_UNARY(round, __builtin_roundf)            \
-  MLXKV_UNARY(rint, __builtin_rintf)              \
-  MLXKV_UNARY(trunc, __builtin_truncf)            \
-  MLXKV_UNARY(fabs, __builtin_fabsf)
+#define MLXKV_MATH MLXKV_MSL_UNARY_FUNCTIONS(MLXKV_UNARY)
 MLXKV_MATH
 namespace fast {
 MLXKV_MATH

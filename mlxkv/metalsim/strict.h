@@ -9,6 +9,8 @@
 //     so a kernel redefining one of its names fails as it would on a Mac.
 // Declarations follow the Metal Shading Language specification; nothing here runs.
 
+#include "msl_math.h"
+
 #define device __attribute__((address_space(1)))
 #define constant __attribute__((address_space(2)))
 #define threadgroup __attribute__((address_space(3)))
@@ -71,14 +73,11 @@ struct numeric_limits {
 template <class To, class From>
 To as_type(From);
 
-#define MLXKV_UNARY(name)   \
-  float name(float);        \
+#define MLXKV_UNARY(name, builtin) \
+  float name(float);               \
   half name(half);
 #define MLXKV_MATH                                                                        \
-  MLXKV_UNARY(exp) MLXKV_UNARY(exp2) MLXKV_UNARY(log) MLXKV_UNARY(log2) MLXKV_UNARY(sqrt) \
-  MLXKV_UNARY(rsqrt) MLXKV_UNARY(tanh) MLXKV_UNARY(sin) MLXKV_UNARY(cos)                  \
-  MLXKV_UNARY(floor) MLXKV_UNARY(ceil) MLXKV_UNARY(round) MLXKV_UNARY(rint)               \
-  MLXKV_UNARY(trunc) MLXKV_UNARY(fabs) MLXKV_UNARY(log10) MLXKV_UNARY(exp10)             \
+  MLXKV_MSL_UNARY_FUNCTIONS(MLXKV_UNARY)                                                  \
   float pow(float, float); float powr(float, float); float fma(float, float, float);     \
   float fmax(float, float); float fmin(float, float); float precise_divide(float, float);
 MLXKV_MATH
