@@ -332,3 +332,16 @@ def test_make_cache_compiles_every_decode_kernel_before_generation(simulator, mo
     mx.eval(logits)
     assert simulator.launches["sdpa_quantized_pass1"] > 1  # the decode steps ran two-pass
     assert _metal._CHECKED == ready and not _metal._FAILED
+
+
+@pytest.mark.parametrize("rep", [12, 16])
+def test_sdpa_gqa_ratios_above_one_threadgroups_share(metal_sim, rep):
+    """More query heads per kv head than a threadgroup serves (8): the group is split
+    (12 -> 2 groups of 6, 16 -> 2 of 8), in both passes, with the statistics."""
+    case = attention_case(rep=rep, n=300, nf=3, H=1)
+    assert sdpa_quantized.group_size(rep, 1) == (6 if rep == 12 else 8)
+    for passes in (1, 2):
+        (out, scores, lse), (r_out, r_scores, r_lse) = run_both(case, passes, stats=True)
+        close(out, r_out, mx.float32)
+        close(lse, r_lse, mx.float32)
+        assert np.allclose(np.array(scores), np.array(r_scores), atol=1e-5)
