@@ -40,7 +40,8 @@ class ChatSession:
     def reset(self, keep_messages: bool = False) -> None:
         self.cache = make_cache(self.model, self.cache_config)
         self.cached_tokens: list[int] = []
-        self._last_reply_start = 0  # where the last reply's tokens begin in cached_tokens
+        self.last_reply_start = 0  # where the last reply's tokens begin in cached_tokens
+        self.turn_start = 0        # how many cached tokens the last turn found in the cache
         self.last_fed = 0           # tokens the last turn fed to the model
         if not keep_messages:
             self.messages = []
@@ -71,7 +72,7 @@ class ChatSession:
             self.cached_tokens = self.cached_tokens[:n]
             return prompt[n:]
         tail = self._after_last_reply(messages)
-        if tail is not None and n >= self._last_reply_start:
+        if tail is not None and n >= self.last_reply_start:
             return tail
         self.reset(keep_messages=True)
         return prompt
@@ -94,15 +95,31 @@ class ChatSession:
         the stream is stopped) is added to the history."""
         if not text.strip():
             raise InputError("the message is empty")
-        messages = self.messages + [{"role": "user", "content": text}]
-        prompt = self._render(messages)
+        yield from self.respond(self.messages + [{"role": "user", "content": text}], **overrides)
+
+    def respond(self, messages: list[dict[str, str]], **overrides) -> Iterator[GenerationEvent]:
+        """Stream the reply to the conversation ``messages`` (the whole history, as an
+        OpenAI-style client sends it): the cache is reused as far as it holds the
+        conversation, the messages and the reply become the history."""
+        if not messages:
+            raise InputError("the conversation has no messages")
+        yield from self._turn(self._render(messages), messages, overrides)
+
+    def complete(self, prompt: list[int], **overrides) -> Iterator[GenerationEvent]:
+        """Stream a continuation of the token ids ``prompt`` (a plain completion, no chat
+        template), reusing the cache as far as it holds them."""
+        if not prompt:
+            raise InputError("the prompt is empty")
+        yield from self._turn(list(prompt), None, overrides)
+
+    def _turn(self, prompt: list[int], messages, overrides) -> Iterator[GenerationEvent]:
         feed = self._suffix(prompt, messages)
         self.last_fed = len(feed)
         held = self.cached_tokens
         start_offset = self.cache[0].offset
         reply, generated = [], []
         options = {**self.generation, **overrides}
-        self.messages = messages
+        failed = False
         try:
             for event in stream_generate(self.model, self.tokenizer, feed, cache=self.cache,
                                          **options):
@@ -110,13 +127,15 @@ class ChatSession:
                 generated.extend(event.tokens)
                 yield event
         except InputError:
-            self.messages = messages[:-1]
+            failed = True
             raise
         finally:
-            if self.messages is messages:
-                self.messages = messages + [{"role": "assistant", "content": "".join(reply)}]
+            if not failed:
+                if messages is not None:
+                    self.messages = messages + [{"role": "assistant", "content": "".join(reply)}]
                 fed = self.cache[0].offset - start_offset
-                self._last_reply_start = len(held) + len(feed)
+                self.turn_start = len(held)
+                self.last_reply_start = len(held) + len(feed)
                 self.cached_tokens = (held + feed + generated)[: len(held) + fed]
 
     def reconfigure(self, config: CacheConfig,
@@ -133,7 +152,7 @@ class ChatSession:
         step = self.generation.get("prefill_step", DEFAULT_PREFILL_STEP)
         prefill(self.model, tokens, self.cache, prefill_step=step, progress=progress)
         self.cached_tokens = tokens
-        self._last_reply_start = len(self.cached_tokens)
+        self.last_reply_start = len(self.cached_tokens)
 
     def ask(self, text: str, **overrides) -> str:
         return "".join(e.text for e in self.send(text, **overrides))
@@ -154,7 +173,9 @@ class ChatSession:
         text = json.dumps(doc, indent=1, ensure_ascii=False)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         save_cache(kv_path(path), self.cache, model=self.model, config=self.cache_config,
-                   tokens=self.cached_tokens, extra={"conversation": _digest(self.messages)})
+                   tokens=self.cached_tokens,
+                   extra={"conversation": _digest(self.messages),
+                          "reply_start": self.last_reply_start, "turn_start": self.turn_start})
         return path
 
     @staticmethod
@@ -186,6 +207,9 @@ class ChatSession:
             cache, config, tokens, _ = loaded
             session = cls(model, tokenizer, cache_config=config, system=system, **generation)
             session.cache, session.cached_tokens, session.messages = cache, tokens, messages
+            # where the last reply begins (files before 0.2: after the last token)
+            session.last_reply_start = int(loaded[3].get("reply_start", len(tokens)))
+            session.turn_start = int(loaded[3].get("turn_start", len(tokens)))
             return session
 
         path = Path(path)

@@ -8,7 +8,7 @@ import argparse
 
 from ..errors import InputError
 
-from . import bench, chat, eval, generate, models
+from . import bench, chat, eval, generate, models, serve
 
 
 class Parser(argparse.ArgumentParser):
@@ -23,9 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mlxkv", description="An MLX-native LLM runtime whose heart is the KV cache.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (generate, chat, models, bench, eval):
+    for command in (generate, chat, serve, models, bench, eval):
         command.add_parser(sub)
     return parser
 
 
-__all__ = ["build_parser", "bench", "chat", "eval", "generate", "models"]
+__all__ = ["build_parser", "bench", "chat", "eval", "generate", "models", "serve"]

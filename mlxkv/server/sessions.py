@@ -1,0 +1,267 @@
+"""The server's conversations and their caches, all inside one memory budget.
+
+A request is matched to the session whose cache it extends (the longest common token
+prefix with what that cache holds, see ``Entry.reuse``), or to the session the client names
+(``session_id``); otherwise a new session starts. Before a turn runs, room is made for the
+most its cache can grow to (``reserve_bytes``): least-recently-used sessions are saved to
+disk, compressed (``ChatSession.save``: atomic), and dropped from memory, so the caches in
+memory never add up to more than ``total``. A session on disk is loaded back when a request
+extends it: its history is not read through the model again.
+
+All of this runs on the worker thread; ``view`` (``GET /v1/kv``) may be called from any.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+from mlx_lm.utils import common_prefix_len
+
+from ..budget import format_bytes
+from ..cache.config import CacheConfig, make_cache
+from ..cache.layout import STEP
+from ..cache.route import model_dtype, model_head_dim, model_kv_heads
+from ..chat import ChatSession, kv_path
+from ..errors import InputError
+from ..generation import chat_tokens, context_length, encode_prompt
+from ..stats import CacheStats, cache_stats
+from .protocol import APIError, Request, bad, usage
+
+
+@dataclass
+class Entry:
+    """One conversation: its session while in memory, what its cache holds either way."""
+
+    id: str
+    config: CacheConfig                 # resolved for the model
+    path: Path                          # where it is saved while on disk
+    session: ChatSession | None = None  # None: on disk
+    tokens: list[int] = field(default_factory=list)  # token ids the cache holds
+    reply_start: int = 0                # where the last reply begins in ``tokens``
+    trimmable: bool = True              # the cache can be cut back (full, quantized)
+    stats: CacheStats = field(default_factory=CacheStats)
+    disk_bytes: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its cache in memory (0 on disk)."""
+        return self.stats.nbytes if self.session is not None else 0
+
+    def reuse(self, prompt: list[int]) -> int:
+        """How many cached tokens ``prompt`` can reuse: > 0 only when it continues this
+        conversation (everything up to the last reply is its prefix). A bounded cache
+        cannot be cut back, so for it a prompt must also be longer than what it holds."""
+        n = common_prefix_len(self.tokens, prompt)
+        if n == 0 or n < self.reply_start:
+            return 0
+        return n if self.trimmable or len(prompt) > len(self.tokens) else 0
+
+    def take(self, session: ChatSession) -> None:
+        """Record what ``session``'s cache now holds."""
+        self.tokens = list(session.cached_tokens)
+        self.reply_start = session.last_reply_start
+        self.stats = cache_stats(session.cache)
+
+
+class SessionStore:
+    """Sessions of one model within ``total`` bytes of KV cache in memory; saved sessions
+    go to ``directory`` (a temporary one by default, removed by ``close``)."""
+
+    def __init__(self, model, tokenizer, *, config: CacheConfig, total: int,
+                 directory: Path | None = None, generation: dict | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config.resolve(model_head_dim(model))
+        self.total = total
+        self._own_dir = directory is None
+        self.directory = Path(tempfile.mkdtemp(prefix="mlxkv-serve-")) if directory is None else Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.generation = dict(generation or {})
+        self.log = log or (lambda text: print(f"mlxkv serve: {text}", file=sys.stderr, flush=True))
+        self.entries: dict[str, Entry] = {}
+        self._lock = threading.Lock()
+        self.layers = len(make_cache(model, CacheConfig()))
+        self.token_bytes = 2 * model_kv_heads(model) * model_head_dim(model) * model_dtype(model).size
+        self.context = context_length(model)
+        self.spilled = self.restored = 0
+        self.check(self.config)
+
+    # ----- memory ----------------------------------------------------------------------
+    def reserve_bytes(self, config: CacheConfig, tokens: int) -> int:
+        """The most a cache of ``config`` takes holding ``tokens`` tokens: its budget, or
+        (no budget) every kept token at full precision, buffers rounded up to their growth
+        step plus a prefill chunk, sinks and residual (a bound, not an estimate)."""
+        if config.budget is not None:
+            return config.budget
+        kept = tokens if config.window is None else min(tokens, config.window + config.sinks)
+        step = self.generation.get("prefill_step", 512)
+        rows = -(-kept // STEP) * STEP + step + STEP + config.sinks + config.residual + 128
+        return self.layers * rows * self.token_bytes
+
+    def check(self, config: CacheConfig) -> None:
+        """A session of ``config`` fits in ``total`` with room for at least a prompt."""
+        need = self.reserve_bytes(config, 1)
+        if need > self.total:
+            raise InputError(f"--kv-total {format_bytes(self.total)} cannot hold even one session "
+                             f"of this cache ({config.describe()}: {format_bytes(need)}): raise "
+                             "it or give a smaller --kv-budget")
+
+    def in_memory_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def make_room(self, entry: Entry, need: int) -> None:
+        """Save least-recently-used sessions other than ``entry`` to disk until ``need``
+        bytes for ``entry`` fit inside ``total`` beside the rest."""
+        need = max(need, entry.nbytes)
+        if need > self.total:
+            raise bad(f"this request may need {format_bytes(need)} of KV cache, more than the "
+                      f"server's --kv-total of {format_bytes(self.total)}: send kv_budget "
+                      "(e.g. \"64MB\") or a smaller max_tokens", code="kv_total_exceeded")
+        while self.in_memory_bytes() - entry.nbytes + need > self.total:
+            victims = [e for e in self.entries.values() if e.session is not None and e is not entry]
+            self.spill(min(victims, key=lambda e: e.last_used))
+
+    def spill(self, entry: Entry) -> None:
+        """Save ``entry``'s session to disk (compressed cache + messages) and drop it."""
+        entry.session.save(entry.path)
+        entry.disk_bytes = sum(p.stat().st_size for p in (entry.path, kv_path(entry.path)))
+        with self._lock:
+            entry.session = None
+        mx.clear_cache()
+        self.spilled += 1
+
+    def load(self, entry: Entry) -> None:
+        """Bring a saved session back into memory (its files are removed: the session
+        changes from here on)."""
+        session = ChatSession.resume(entry.path, self.model, self.tokenizer, **self.generation)
+        if session.resume_note:
+            self.log(f"session {entry.id}: {session.resume_note}")
+        for p in (entry.path, kv_path(entry.path)):
+            p.unlink(missing_ok=True)
+        with self._lock:
+            entry.session, entry.disk_bytes = session, 0
+        entry.take(session)
+        self.restored += 1
+
+    # ----- requests --------------------------------------------------------------------
+    def _new(self, session_id: str | None, config: CacheConfig) -> Entry:
+        sid = session_id or uuid.uuid4().hex[:16]
+        name = hashlib.sha256(sid.encode()).hexdigest()[:32]  # never the client's text
+        self.check(config)
+        session = ChatSession(self.model, self.tokenizer, cache_config=config, **self.generation)
+        entry = Entry(id=sid, config=config, path=self.directory / f"{name}.json", session=session,
+                      trimmable=all(c.is_trimmable() for c in session.cache))
+        with self._lock:
+            self.entries[sid] = entry
+        return entry
+
+    def drop(self, entry: Entry) -> None:
+        with self._lock:
+            self.entries.pop(entry.id, None)
+        for p in (entry.path, kv_path(entry.path)):
+            p.unlink(missing_ok=True)
+
+    def session_for(self, req: Request, prompt: list[int]) -> Entry:
+        """The session ``req`` continues (named, or found by prefix), or a new one."""
+        config = req.config.resolve(model_head_dim(self.model))
+        if req.session_id is not None:
+            entry = self.entries.get(req.session_id)
+            if entry is not None and entry.config != config:
+                self.drop(entry)  # other cache settings: a new cache
+                entry = None
+            return entry or self._new(req.session_id, config)
+        best, found = 0, None
+        for entry in self.entries.values():
+            n = entry.reuse(prompt) if entry.config == config else 0
+            if n > best:
+                best, found = n, entry
+        return found or self._new(None, config)
+
+    def prompt(self, req: Request) -> list[int]:
+        if req.kind == "chat":
+            return chat_tokens(self.tokenizer, req.messages)
+        return encode_prompt(self.tokenizer, req.prompt)
+
+    def serve(self, req: Request, emit: Callable[[dict], None],
+              cancelled: Callable[[], bool]) -> None:
+        """Run ``req``, calling ``emit`` with {"type": "delta", "text", "finish"} per token
+        and {"type": "done", "usage", "session"} at the end (errors are raised)."""
+        prompt = self.prompt(req)
+        bounded = req.config.kind in ("window", "budget")
+        if not bounded and self.context is not None and len(prompt) >= self.context:
+            raise bad(f"the prompt is {len(prompt)} tokens, more than the model's context of "
+                      f"{self.context} tokens (send kv_budget or kv_window to go past it)",
+                      "messages" if req.kind == "chat" else "prompt", "context_length_exceeded")
+        vocab = getattr(self.model.args, "vocab_size", None)
+        if vocab is not None and max(prompt) >= vocab:
+            raise bad(f"the prompt holds token ids outside the vocabulary of {vocab}", "prompt")
+        entry = self.session_for(req, prompt)
+        try:
+            self.make_room(entry, self.reserve_bytes(entry.config, len(prompt) + req.max_tokens))
+        except APIError:
+            if not entry.tokens and entry.session is not None:
+                self.drop(entry)  # made for this request: nothing to keep
+            raise
+        if entry.session is None:
+            self.load(entry)
+        entry.last_used = time.monotonic()
+        session = entry.session
+        options = dict(max_tokens=req.max_tokens, sampling=req.sampling, stop=req.stop,
+                       should_stop=cancelled)
+        turn = (session.respond(req.messages, **options) if req.kind == "chat"
+                else session.complete(prompt, **options))
+        generated = 0
+        try:
+            for event in turn:
+                entry.stats = event.cache
+                generated = event.generated_tokens
+                emit({"type": "delta", "text": event.text, "finish": event.finish_reason,
+                      "session": entry.id})
+                if self.in_memory_bytes() > self.total:  # never expected: the reserve bounds it
+                    self.make_room(entry, entry.nbytes)
+        finally:
+            entry.take(session)
+            entry.last_used = time.monotonic()
+        emit({"type": "done", "session": entry.id,
+              "usage": usage(len(prompt), generated, len(prompt) - session.last_fed)})
+
+    # ----- views -----------------------------------------------------------------------
+    def view(self) -> dict:
+        """The whole cache against the budget, and each session (``GET /v1/kv``)."""
+        with self._lock:
+            entries = list(self.entries.values())
+            rows = [{"id": e.id, "where": "memory" if e.session is not None else "disk",
+                     "tokens_seen": e.stats.seen, "tokens_kept": e.stats.kept,
+                     "tokens_evicted": e.stats.evicted, "bytes": e.nbytes,
+                     "disk_bytes": e.disk_bytes, "cache": e.config.describe()}
+                    for e in sorted(entries, key=lambda e: -e.last_used)]
+        total = sum(r["bytes"] for r in rows)
+        return {"object": "kv", "total_bytes": total, "limit_bytes": self.total,
+                "sessions_in_memory": sum(r["where"] == "memory" for r in rows),
+                "sessions_on_disk": sum(r["where"] == "disk" for r in rows),
+                "disk_bytes": sum(r["disk_bytes"] for r in rows),
+                "saved_to_disk": self.spilled, "restored_from_disk": self.restored,
+                "default_cache": self.config.describe(), "sessions": rows}
+
+    def close(self) -> None:
+        """Remove the saved sessions (the whole directory when it is a temporary one)."""
+        with self._lock:
+            entries = list(self.entries.values())
+            self.entries.clear()
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return
+        for e in entries:
+            for p in (e.path, kv_path(e.path)):
+                p.unlink(missing_ok=True)

@@ -1,0 +1,77 @@
+"""The one thread that runs the model: requests are queued and served in order.
+
+MLX evaluates one graph at a time on one device, and every session's cache belongs to the
+same model, so the HTTP side never touches the model: it puts a ``Job`` on the queue and
+reads what the job emits. A job whose client has gone (``cancelled``) is skipped, or its
+generation stops at the next token.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import MlxkvError
+from .protocol import APIError, Request, bad
+from .sessions import SessionStore
+
+
+@dataclass
+class Job:
+    request: Request
+    emit: Callable[[dict], None]  # called on the worker thread with each item
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    def __init__(self, store: SessionStore):
+        self.store = store
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.served = 0
+        self._thread = threading.Thread(target=self._run, name="mlxkv-worker", daemon=True)
+
+    def start(self) -> "Worker":
+        self._thread.start()
+        return self
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    @property
+    def waiting(self) -> int:
+        return self.jobs.qsize()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the job being served, then stop (queued jobs are cancelled)."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancelled.set()
+                job.emit({"type": "error", "error": APIError(503, "the server is shutting down",
+                                                             type="server_error")})
+        self.jobs.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if job.cancelled.is_set():
+                continue
+            try:
+                self.store.serve(job.request, job.emit, job.cancelled.is_set)
+            except APIError as e:
+                job.emit({"type": "error", "error": e})
+            except MlxkvError as e:  # bad input found by the library (settings, context)
+                job.emit({"type": "error", "error": bad(str(e))})
+            except Exception as e:  # a bug: the server keeps serving, the log has the trace
+                traceback.print_exc(file=sys.stderr)
+                job.emit({"type": "error", "error": APIError(
+                    500, f"internal error ({type(e).__name__}); see the server's log",
+                    type="server_error")})
+            self.served += 1

@@ -1,0 +1,241 @@
+"""``mlxkv serve`` against live servers on loopback: the official ``openai`` client and
+``curl``. The mechanics run on the tiny random-weight llama; the claims (8 concurrent
+clients inside ``--kv-total``, a session restored from disk gives the same tokens) on the
+real model."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import mlxkv
+from helpers import write_tiny_gguf
+from mlxkv.cache.config import CacheConfig
+from mlxkv.server import Service
+
+openai = pytest.importorskip("openai")  # in the test extra: always there in CI
+
+CURL = shutil.which("curl")
+HELLO = [{"role": "user", "content": "the cat sat on the mat"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+    return mlxkv.load(str(path))
+
+
+def serve(model_tok, tmp_path, **kw):
+    model, tok = model_tok
+    kw.setdefault("config", CacheConfig())
+    kw.setdefault("total", 64_000_000)
+    return Service(model, tok, name="tiny", directory=tmp_path / "kv", **kw).start()
+
+
+def client(service, **kw):
+    return openai.OpenAI(base_url=service.url, api_key=kw.pop("api_key", "none"), max_retries=0,
+                         timeout=60, **kw)
+
+
+def curl(service, path, body=None, *, method=None, headers=()):
+    """(status, parsed JSON) of a request made with curl."""
+    cmd = [CURL, "-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "60"]
+    if method:
+        cmd += ["-X", method]
+    for h in headers:
+        cmd += ["-H", h]
+    if body is not None:
+        cmd += ["-H", "content-type: application/json", "--data-binary", "@-"]
+    r = subprocess.run(cmd + [service.url + path], input=body, capture_output=True, text=True,
+                       timeout=90)
+    text, status = r.stdout.rsplit("\n", 1)
+    return int(status), json.loads(text)
+
+
+def kv(service):
+    return curl(service, "/kv")[1]
+
+
+# ----- mechanics, on the tiny model --------------------------------------------------------
+def test_chat_streamed_and_not_give_the_same_greedy_reply(tiny, tmp_path):
+    with serve(tiny, tmp_path) as s:
+        c = client(s)
+        assert [m.id for m in c.models.list().data] == ["tiny"]
+        whole = c.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0)
+        parts, finish, usage = [], None, None
+        for ch in c.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}):
+            if ch.choices:
+                parts.append(ch.choices[0].delta.content or "")
+                finish = ch.choices[0].finish_reason or finish
+            if ch.usage:
+                usage = ch.usage
+        assert whole.choices[0].message.content == "".join(parts)
+        assert whole.choices[0].finish_reason == finish in ("stop", "length")
+        assert usage.prompt_tokens == whole.usage.prompt_tokens > 5
+        assert usage.completion_tokens == whole.usage.completion_tokens >= 1
+        text = c.completions.create(model="tiny", prompt="the cat", max_tokens=5, temperature=0)
+        assert text.object == "text_completion" and text.usage.completion_tokens >= 1
+
+
+def test_a_follow_up_reuses_the_conversations_cache(tiny, tmp_path):
+    with serve(tiny, tmp_path) as s:
+        c = client(s)
+        first = c.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        history = HELLO + [{"role": "assistant", "content": first.choices[0].message.content},
+                           {"role": "user", "content": "and the dog"}]
+        second = c.chat.completions.create(model="tiny", messages=history, max_tokens=8, temperature=0)
+        # everything up to the reply is in the cache: only the new turn is fed
+        assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+        view = kv(s)
+        assert len(view["sessions"]) == 1 and view["sessions"][0]["tokens_seen"] >= second.usage.prompt_tokens
+        assert 0 < view["total_bytes"] <= view["limit_bytes"]
+        other = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a b c"}],
+                                          max_tokens=4, temperature=0)
+        assert other.usage.prompt_tokens_details.cached_tokens == 0 and len(kv(s)["sessions"]) == 2
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny, tmp_path):
+    with serve(tiny, tmp_path, max_body=20_000) as s:
+        cases = [
+            ('{"messages": [', 400, None),
+            (json.dumps({"model": "gpt-4", "messages": HELLO}), 404, "model_not_found"),
+            (json.dumps({"messages": HELLO, "temperature": 3}), 400, None),
+            (json.dumps({"messages": HELLO, "top_p": "high"}), 400, None),
+            (json.dumps({"messages": HELLO, "n": 2}), 400, None),
+            (json.dumps({"messages": HELLO, "max_tokens": 0}), 400, None),
+            (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), 400, None),
+            (json.dumps({"messages": HELLO, "kv_bits": 5}), 400, "invalid_cache_settings"),
+            (json.dumps({"messages": HELLO, "session_id": "../../etc/passwd"}), 400, None),
+            # the tiny model's context is 512 tokens; a full cache cannot go past it
+            (json.dumps({"messages": [{"role": "user", "content": "cat " * 600}]}), 400,
+             "context_length_exceeded"),
+            (json.dumps({"messages": [{"role": "user", "content": "x" * 30_000}]}), 413, None),
+        ]
+        for body, status, code in cases:
+            got, doc = curl(s, "/chat/completions", body)
+            assert got == status, (body[:60], doc)
+            assert doc["error"]["message"] and (code is None or doc["error"]["code"] == code)
+        assert curl(s, "/nowhere")[0] == 404 and curl(s, "/models", method="DELETE")[0] == 405
+        with pytest.raises(openai.BadRequestError, match="temperature"):
+            client(s).chat.completions.create(model="tiny", messages=HELLO, temperature=-1)
+        ok = client(s).chat.completions.create(model="tiny", messages=HELLO, max_tokens=3)
+        assert ok.choices[0].message.content is not None
+
+
+def test_api_key(tiny, tmp_path):
+    with serve(tiny, tmp_path, api_key="sekrit") as s:
+        with pytest.raises(openai.AuthenticationError):
+            client(s, api_key="wrong").models.list()
+        status, doc = curl(s, "/models")
+        assert status == 401 and doc["error"]["code"] == "invalid_api_key"
+        assert client(s, api_key="sekrit").models.list().data[0].id == "tiny"
+        assert curl(s, "/../health")[0] == 200  # the health check needs no key
+
+
+def test_sessions_over_the_total_go_to_disk_and_come_back(tiny, tmp_path):
+    # a turn reserves its budget (300 KB); a conversation afterwards holds ~134 KB: room
+    # for one of them beside the turn being served
+    config = CacheConfig(budget=300_000)
+    with serve(tiny, tmp_path, config=config, total=450_000) as s, \
+            serve(tiny, tmp_path / "roomy", config=config, total=10_000_000) as roomy:
+        c, ref = client(s), client(roomy)
+        chats = [[{"role": "user", "content": f"the {w} sat on the mat"}] for w in ("cat", "dog", "cow")]
+        for chat in chats:
+            for svc in (c, ref):
+                r = svc.chat.completions.create(model="tiny", messages=chat, max_tokens=6, temperature=0,
+                                                extra_body={"session_id": chat[0]["content"][4:7]})
+            chat += [{"role": "assistant", "content": r.choices[0].message.content},
+                     {"role": "user", "content": "and then"}]
+            view = kv(s)
+            assert view["total_bytes"] <= view["limit_bytes"]
+        view = kv(s)
+        where = {row["id"]: row["where"] for row in view["sessions"]}
+        assert where["cat"] == "disk" and view["saved_to_disk"] >= 1
+        files = os.listdir(tmp_path / "kv")
+        assert files and not any("cat" in f for f in files)  # named by a digest, not the id
+        # the conversation on disk comes back with its cache: no re-prefill, same tokens
+        back = c.chat.completions.create(model="tiny", messages=chats[0], max_tokens=6, temperature=0,
+                                         extra_body={"session_id": "cat"})
+        kept = ref.chat.completions.create(model="tiny", messages=chats[0], max_tokens=6, temperature=0,
+                                           extra_body={"session_id": "cat"})
+        assert back.usage.prompt_tokens_details.cached_tokens > 0
+        assert back.choices[0].message.content == kept.choices[0].message.content
+        assert kv(s)["restored_from_disk"] == 1 and kv(s)["total_bytes"] <= 450_000
+
+
+def test_a_client_that_disconnects_cancels_its_generation(tiny, tmp_path):
+    with serve(tiny, tmp_path, config=CacheConfig(window=64)) as s:
+        stream = client(s).chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=1_000_000, temperature=1.0, seed=1, stream=True,
+            extra_body={"session_id": "gone"})
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        stream.close()
+        deadline = time.monotonic() + 30
+        while s.worker.served < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.worker.served == 1  # the generation ended without reaching max_tokens
+        seen = kv(s)["sessions"][0]["tokens_seen"]
+        assert seen < 100_000
+        assert client(s).chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+
+
+def test_reserve_bounds_what_a_cache_takes(tiny, tmp_path):
+    from mlxkv.chat import ChatSession
+    from mlxkv.server.sessions import SessionStore
+
+    model, tok = tiny
+    store = SessionStore(model, tok, config=CacheConfig(), total=10**9, directory=tmp_path,
+                         generation={"prefill_step": 64})
+    for config, turns in ((CacheConfig(), 2), (CacheConfig(window=40), 4),
+                          (CacheConfig(budget=200_000), 4)):
+        session = ChatSession(model, tok, cache_config=config, prefill_step=64)
+        for turn in range(turns):  # the full cache stays inside the tiny model's 512 tokens
+            list(session.send("the cat sat on the mat " * 4, max_tokens=20))
+            n = len(session.cached_tokens)
+            used = mlxkv.cache_stats(session.cache).nbytes
+            assert 0 < used <= store.reserve_bytes(config, n), (config, n)
+    store.close()
+
+
+def test_serve_command_on_loopback(smollm, tmp_path):
+    """The real command on the default model with the chat defaults: starts, answers
+    curl, refuses a taken port, stops on SIGTERM and removes its saved sessions."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "mlxkv.cli", "serve", "--port", "0",
+                             "--kv-budget", "8MB", "--kv-total", "20MB"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert "127.0.0.1" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = line.split(" at ")[1].split()[0]
+
+        class S:  # what curl() needs
+            pass
+
+        S.url = url
+        status, doc = curl(S, "/chat/completions", json.dumps({"messages": HELLO, "max_tokens": 4}))
+        assert status == 200 and doc["choices"][0]["message"]["role"] == "assistant"
+        assert doc["choices"][0]["message"]["content"]
+        assert curl(S, "/kv")[1]["limit_bytes"] == 20_000_000
+        port = url.split(":")[2].split("/")[0]
+        taken = subprocess.run([sys.executable, "-m", "mlxkv.cli", "serve", "--port", port],
+                               capture_output=True, text=True, timeout=120)
+        assert taken.returncode == 2 and "cannot listen" in taken.stderr
+        assert "Traceback" not in taken.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not [p for p in os.listdir(tmp_path) if p.startswith("mlxkv-serve-")]
+    finally:
+        proc.kill()
+        proc.wait()
