@@ -239,3 +239,78 @@ def test_serve_command_on_loopback(smollm, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+# ----- claims, on the real model -----------------------------------------------------------
+def test_eight_concurrent_streaming_clients_stay_inside_the_total(smollm, tmp_path):
+    """8 clients, two turns each, all streaming at once: every reply complete, every second
+    turn served from its conversation's cache (kept or restored from disk), and /v1/kv
+    never above --kv-total while they run."""
+    config = CacheConfig(key_bits=8, value_bits=8, budget=4_000_000)
+    with serve(smollm, tmp_path, config=config, total=12_000_000) as s:
+        peaks, stop = [], threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                view = kv(s)
+                peaks.append((view["total_bytes"], view["limit_bytes"]))
+                time.sleep(0.05)
+
+        def converse(i, out):
+            c = client(s)
+            chat = [{"role": "user", "content": f"Name a fruit that starts with the letter {'ABCDEFGH'[i]}."}]
+            for turn in range(2):
+                parts, finish, usage = [], None, None
+                for ch in c.chat.completions.create(model="tiny", messages=chat, max_tokens=16,
+                                                    temperature=0, stream=True,
+                                                    stream_options={"include_usage": True}):
+                    if ch.choices:
+                        parts.append(ch.choices[0].delta.content or "")
+                        finish = ch.choices[0].finish_reason or finish
+                    usage = ch.usage or usage
+                out.append((turn, "".join(parts), finish, usage))
+                chat += [{"role": "assistant", "content": "".join(parts)},
+                         {"role": "user", "content": "Another one, please."}]
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        results = [[] for _ in range(8)]
+        threads = [threading.Thread(target=converse, args=(i, results[i])) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        stop.set()
+        watcher.join()
+        assert not any(t.is_alive() for t in threads)
+        for turns in results:
+            assert [t[0] for t in turns] == [0, 1]
+            for turn, text, finish, usage in turns:
+                assert text and finish in ("stop", "length") and usage.completion_tokens >= 1
+            first, second = turns[0][3], turns[1][3]
+            assert second.prompt_tokens_details.cached_tokens >= first.prompt_tokens
+        assert peaks and all(total <= limit for total, limit in peaks)
+        view = kv(s)
+        assert len(view["sessions"]) == 8 and view["saved_to_disk"] >= 1 and view["restored_from_disk"] >= 1
+
+
+def test_a_session_restored_from_disk_gives_the_tokens_of_one_kept_in_memory(smollm, tmp_path):
+    config = CacheConfig(key_bits=4, value_bits=4, budget=6_000_000)
+    replies = {}
+    for name, total in (("kept", 100_000_000), ("spilled", 7_000_000)):
+        with serve(smollm, tmp_path / name, config=config, total=total) as s:
+            c = client(s)
+            chat = [{"role": "user", "content": "Tell me about the history of Paris."}]
+            r = c.chat.completions.create(model="tiny", messages=chat, max_tokens=24, temperature=0)
+            chat += [{"role": "assistant", "content": r.choices[0].message.content},
+                     {"role": "user", "content": "And what about its museums?"}]
+            # another conversation: on the small server the first one goes to disk
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi!"}],
+                                      max_tokens=24, temperature=0)
+            on_disk = kv(s)["sessions_on_disk"]
+            r = c.chat.completions.create(model="tiny", messages=chat, max_tokens=24, temperature=0)
+            replies[name] = (r.choices[0].message.content, on_disk, kv(s)["restored_from_disk"],
+                             r.usage.prompt_tokens_details.cached_tokens)
+    assert replies["kept"][1:3] == (0, 0) and replies["spilled"][1:3] == (1, 1)
+    assert replies["spilled"][3] == replies["kept"][3] > 24  # the history was not fed again
+    assert replies["spilled"][0] == replies["kept"][0]
