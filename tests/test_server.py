@@ -62,22 +62,26 @@ def kv(service):
     return curl(service, "/kv")[1]
 
 
+def stream_chat(c, messages, **kw):
+    """(text, finish reason, usage) of a streamed chat completion read to its end."""
+    parts, finish, usage = [], None, None
+    for ch in c.chat.completions.create(model="tiny", messages=messages, temperature=0, stream=True,
+                                        stream_options={"include_usage": True}, **kw):
+        if ch.choices:
+            parts.append(ch.choices[0].delta.content or "")
+            finish = ch.choices[0].finish_reason or finish
+        usage = ch.usage or usage
+    return "".join(parts), finish, usage
+
+
 # ----- mechanics, on the tiny model --------------------------------------------------------
 def test_chat_streamed_and_not_give_the_same_greedy_reply(tiny, tmp_path):
     with serve(tiny, tmp_path) as s:
         c = client(s)
         assert [m.id for m in c.models.list().data] == ["tiny"]
         whole = c.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0)
-        parts, finish, usage = [], None, None
-        for ch in c.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12,
-                                            temperature=0, stream=True,
-                                            stream_options={"include_usage": True}):
-            if ch.choices:
-                parts.append(ch.choices[0].delta.content or "")
-                finish = ch.choices[0].finish_reason or finish
-            if ch.usage:
-                usage = ch.usage
-        assert whole.choices[0].message.content == "".join(parts)
+        text, finish, usage = stream_chat(c, HELLO, max_tokens=12)
+        assert whole.choices[0].message.content == text
         assert whole.choices[0].finish_reason == finish in ("stop", "length")
         assert usage.prompt_tokens == whole.usage.prompt_tokens > 5
         assert usage.completion_tokens == whole.usage.completion_tokens >= 1
@@ -260,16 +264,9 @@ def test_eight_concurrent_streaming_clients_stay_inside_the_total(smollm, tmp_pa
             c = client(s)
             chat = [{"role": "user", "content": f"Name a fruit that starts with the letter {'ABCDEFGH'[i]}."}]
             for turn in range(2):
-                parts, finish, usage = [], None, None
-                for ch in c.chat.completions.create(model="tiny", messages=chat, max_tokens=16,
-                                                    temperature=0, stream=True,
-                                                    stream_options={"include_usage": True}):
-                    if ch.choices:
-                        parts.append(ch.choices[0].delta.content or "")
-                        finish = ch.choices[0].finish_reason or finish
-                    usage = ch.usage or usage
-                out.append((turn, "".join(parts), finish, usage))
-                chat += [{"role": "assistant", "content": "".join(parts)},
+                text, finish, usage = stream_chat(c, chat, max_tokens=16)
+                out.append((turn, text, finish, usage))
+                chat += [{"role": "assistant", "content": text},
                          {"role": "user", "content": "Another one, please."}]
 
         watcher = threading.Thread(target=watch)
@@ -314,3 +311,20 @@ def test_a_session_restored_from_disk_gives_the_tokens_of_one_kept_in_memory(smo
     assert replies["kept"][1:3] == (0, 0) and replies["spilled"][1:3] == (1, 1)
     assert replies["spilled"][3] == replies["kept"][3] > 24  # the history was not fed again
     assert replies["spilled"][0] == replies["kept"][0]
+
+
+def test_saved_sessions_over_the_disk_limit_are_forgotten_oldest_first(tiny, tmp_path):
+    config = CacheConfig(budget=300_000)
+    with serve(tiny, tmp_path, config=config, total=450_000, disk_total=150_000) as s:
+        c = client(s)
+        for w in ("cat", "dog", "cow", "pig"):
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"a {w}"}],
+                                      max_tokens=3, temperature=0, extra_body={"session_id": w})
+        view = kv(s)
+        assert view["removed_from_disk"] >= 1 and view["disk_bytes"] <= 150_000
+        ids = [row["id"] for row in view["sessions"]]
+        assert "cat" not in ids and "pig" in ids
+        assert len(os.listdir(tmp_path / "kv")) == 2 * view["sessions_on_disk"]
+        again = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a cat"}],
+                                          max_tokens=3, temperature=0, extra_body={"session_id": "cat"})
+        assert again.usage.prompt_tokens_details.cached_tokens == 0  # read again from the start

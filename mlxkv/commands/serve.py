@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     s.add_argument("--kv-dir", default=None, metavar="DIR",
                    help="where conversations saved to disk go (default: a temporary "
                         "directory; their files are removed when the server stops)")
+    s.add_argument("--kv-disk", default="10GB", metavar="SIZE",
+                   help="the most disk the saved conversations may take; beyond it the least "
+                        "recently used are removed (their next request reads the history again)")
     s.add_argument("--max-body", default="8MB", metavar="SIZE", help="largest request body")
     add_model_flags(s)
     add_sampling_flags(s)
@@ -42,13 +45,15 @@ def run(args) -> int:
         raise InputError("mlxkv serve takes the system message from each request's messages "
                          "(no --system)")
     total, max_body = parse_bytes(args.kv_total), parse_bytes(args.max_body)
+    disk_total = parse_bytes(args.kv_disk)
     api_key = args.api_key or os.environ.get("MLXKV_API_KEY") or None
     sampling = sampling_from_args(args)
     model, tokenizer, resolved, config = load_for_args(args, defaults=chat_defaults(args))
     name = resolved.alias or resolved.path.name
     generation = dict(prefill_step=args.prefill_step, stop=args.stop, sampling=sampling)
     service = Service(model, tokenizer, name=name, aliases=(resolved.path.name,), config=config,
-                      total=total, directory=args.kv_dir, generation=generation,
+                      total=total, directory=args.kv_dir, disk_total=disk_total,
+                      generation=generation,
                       max_tokens=args.max_tokens, sampling=sampling, api_key=api_key,
                       max_body=max_body, host=args.host, port=args.port)
     print(f"mlxkv serve: {name} at {service.url} (cache {service.store.config.describe()}; "

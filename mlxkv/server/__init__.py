@@ -43,7 +43,8 @@ class Service:
     """The server for ``model`` (see the module docstring); ``url`` is its API base."""
 
     def __init__(self, model, tokenizer, *, name: str, config, total: int,
-                 directory: Path | None = None, generation: dict | None = None,
+                 directory: Path | None = None, disk_total: int | None = None,
+                 generation: dict | None = None,
                  max_tokens: int = 512, sampling=None, api_key: str | None = None,
                  max_body: int = 8_000_000, host: str = "127.0.0.1", port: int = 0,
                  aliases: tuple[str, ...] = ()):
@@ -54,7 +55,8 @@ class Service:
         from ..generation import Sampling
 
         self.store = SessionStore(model, tokenizer, config=config, total=total,
-                                  directory=directory, generation=generation)
+                                  directory=directory, disk_total=disk_total,
+                                  generation=generation)
         self.worker = Worker(self.store).start()
         self.http = Server(self.worker, models=(name, *[a for a in aliases if a != name]),
                            max_tokens=max_tokens, sampling=sampling or Sampling(),

@@ -16,7 +16,7 @@ import time
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import protocol
@@ -113,12 +113,21 @@ class Server:
                              max_tokens=self.max_tokens, sampling=self.sampling)
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
-        job = Job(req, emit=lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
+
+        def emit(item: dict) -> None:  # on the worker thread
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the event loop has closed (the server is stopping)
+                job.cancelled.set()
+
+        job = Job(req, emit=emit)
         self.worker.submit(job)
         try:
             first = await self.next_item(items, request)
-        except (ClientGone, asyncio.CancelledError):
+        except (ClientGone, asyncio.CancelledError) as e:
             job.cancelled.set()
+            if isinstance(e, ClientGone):
+                return Response(status_code=499)  # nobody reads it
             raise
         if first["type"] == "error":
             return error_response(first["error"])
@@ -131,8 +140,10 @@ class Server:
                 text.append(item["text"])
                 finish = item["finish"] or "length"
                 item = await self.next_item(items, request)
-        except (ClientGone, asyncio.CancelledError):
+        except (ClientGone, asyncio.CancelledError) as e:
             job.cancelled.set()
+            if isinstance(e, ClientGone):
+                return Response(status_code=499)
             raise
         if item["type"] == "error":
             return error_response(item["error"])

@@ -79,11 +79,11 @@ class SessionStore:
     go to ``directory`` (a temporary one by default, removed by ``close``)."""
 
     def __init__(self, model, tokenizer, *, config: CacheConfig, total: int,
-                 directory: Path | None = None, generation: dict | None = None,
-                 log: Callable[[str], None] | None = None):
+                 directory: Path | None = None, disk_total: int | None = None,
+                 generation: dict | None = None, log: Callable[[str], None] | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.config = config.resolve(model_head_dim(model))
-        self.total = total
+        self.total, self.disk_total = total, disk_total
         self._own_dir = directory is None
         self.directory = Path(tempfile.mkdtemp(prefix="mlxkv-serve-")) if directory is None else Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ class SessionStore:
         self.layers = len(make_cache(model, CacheConfig()))
         self.token_bytes = 2 * model_kv_heads(model) * model_head_dim(model) * model_dtype(model).size
         self.context = context_length(model)
-        self.spilled = self.restored = 0
+        self.spilled = self.restored = self.forgotten = 0
         self.check(self.config)
 
     # ----- memory ----------------------------------------------------------------------
@@ -130,16 +130,26 @@ class SessionStore:
                       "(e.g. \"64MB\") or a smaller max_tokens", code="kv_total_exceeded")
         while self.in_memory_bytes() - entry.nbytes + need > self.total:
             victims = [e for e in self.entries.values() if e.session is not None and e is not entry]
-            self.spill(min(victims, key=lambda e: e.last_used))
+            self.spill(min(victims, key=lambda e: e.last_used), keep=entry)
 
-    def spill(self, entry: Entry) -> None:
-        """Save ``entry``'s session to disk (compressed cache + messages) and drop it."""
+    def spill(self, entry: Entry, keep: Entry | None = None) -> None:
+        """Save ``entry``'s session to disk (compressed cache + messages) and drop it from
+        memory; over ``disk_total``, forget the oldest saved sessions (except ``keep``)."""
         entry.session.save(entry.path)
         entry.disk_bytes = sum(p.stat().st_size for p in (entry.path, kv_path(entry.path)))
         with self._lock:
             entry.session = None
         mx.clear_cache()
         self.spilled += 1
+        if self.disk_total is not None:
+            saved = [e for e in self.entries.values() if e.session is None and e is not keep]
+            while saved and sum(e.disk_bytes for e in saved) > self.disk_total:
+                oldest = min(saved, key=lambda e: e.last_used)
+                saved.remove(oldest)
+                self.drop(oldest)  # its next request reads its history again
+                self.forgotten += 1
+                self.log(f"session {oldest.id}: removed from disk (over --kv-disk "
+                         f"{format_bytes(self.disk_total)})")
 
     def load(self, entry: Entry) -> None:
         """Bring a saved session back into memory (its files are removed: the session
@@ -251,7 +261,8 @@ class SessionStore:
                 "sessions_in_memory": sum(r["where"] == "memory" for r in rows),
                 "sessions_on_disk": sum(r["where"] == "disk" for r in rows),
                 "disk_bytes": sum(r["disk_bytes"] for r in rows),
-                "saved_to_disk": self.spilled, "restored_from_disk": self.restored,
+                "disk_limit_bytes": self.disk_total, "saved_to_disk": self.spilled,
+                "restored_from_disk": self.restored, "removed_from_disk": self.forgotten,
                 "default_cache": self.config.describe(), "sessions": rows}
 
     def close(self) -> None:

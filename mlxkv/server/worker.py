@@ -32,6 +32,7 @@ class Worker:
         self.store = store
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.served = 0
+        self.current: Job | None = None
         self._thread = threading.Thread(target=self._run, name="mlxkv-worker", daemon=True)
 
     def start(self) -> "Worker":
@@ -46,7 +47,10 @@ class Worker:
         return self.jobs.qsize()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the job being served, then stop (queued jobs are cancelled)."""
+        """Stop the job being served at its next token, cancel the queued ones, and end."""
+        current = self.current
+        if current is not None:
+            current.cancelled.set()
         while True:
             try:
                 job = self.jobs.get_nowait()
@@ -63,6 +67,7 @@ class Worker:
         while (job := self.jobs.get()) is not None:
             if job.cancelled.is_set():
                 continue
+            self.current = job
             try:
                 self.store.serve(job.request, job.emit, job.cancelled.is_set)
             except APIError as e:
@@ -74,4 +79,5 @@ class Worker:
                 job.emit({"type": "error", "error": APIError(
                     500, f"internal error ({type(e).__name__}); see the server's log",
                     type="server_error")})
+            self.current = None
             self.served += 1
