@@ -10,7 +10,8 @@ from typing import Callable, Iterator
 
 from mlx_lm.utils import common_prefix_len
 
-from .cache.route import model_head_dim
+from .cache.route import model_group, model_head_dim
+from .distributed import SINGLE, Group
 from .cache.config import CacheConfig, make_cache
 from .errors import CacheFileError, InputError, MlxkvError
 from .generation import (DEFAULT_PREFILL_STEP, GenerationEvent, chat_text, encode_prompt,
@@ -172,7 +173,8 @@ class ChatSession:
                "messages": self.messages, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         text = json.dumps(doc, indent=1, ensure_ascii=False)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        save_cache(kv_path(path), self.cache, model=self.model, config=self.cache_config,
+        save_cache(kv_path(path, model_group(self.model)), self.cache, model=self.model,
+                   config=self.cache_config,
                    tokens=self.cached_tokens,
                    extra={"conversation": _digest(self.messages),
                           "reply_start": self.last_reply_start, "turn_start": self.turn_start})
@@ -220,7 +222,7 @@ class ChatSession:
         doc = cls.read(path)
         messages = list(doc["messages"])
         try:
-            loaded = load_cache(kv_path(path), model)
+            loaded = load_cache(_saved_kv(path, model_group(model)), model)
             if loaded[3].get("conversation") == _digest(messages):
                 return from_cache(loaded, messages, doc.get("system"))
             why = "the saved cache is older than the conversation"
@@ -240,10 +242,31 @@ class ChatSession:
 CHAT_FORMAT = "mlxkv-chat-1"
 
 
-def kv_path(path) -> Path:
+def kv_path(path, group: Group = SINGLE) -> Path:
     """Where a saved conversation's compressed cache lives: ``chat.json`` ->
-    ``chat.kv.safetensors``."""
-    return Path(path).with_suffix(".kv.safetensors")
+    ``chat.kv.safetensors``; in a group of processes each saves its own part,
+    ``chat.kv.rank1-of-3.safetensors``."""
+    if group.size == 1:
+        return Path(path).with_suffix(".kv.safetensors")
+    return Path(path).with_suffix(f".kv.rank{group.rank}-of-{group.size}.safetensors")
+
+
+def _saved_kv(path, group: Group) -> Path:
+    """This process's saved cache of the conversation at ``path``; a ``CacheFileError``
+    that says so when only a group of another size saved one."""
+    kv = kv_path(path, group)
+    if not kv.exists():
+        sizes = sorted({int(p.name.rsplit("-of-", 1)[1].split(".")[0]) if "-of-" in p.name else 1
+                        for p in Path(path).parent.glob(Path(path).stem + ".kv.*safetensors")})
+        if sizes:
+            where = "one process" if group.size == 1 else f"a group of {group.size}"
+            raise CacheFileError(f"its cache was saved by {' and '.join(map(_group_words, sizes))}, "
+                                 f"and this is {where} (mlx.launch -n {sizes[-1]} uses it)")
+    return kv
+
+
+def _group_words(size: int) -> str:
+    return "one process" if size == 1 else f"a group of {size} processes"
 
 
 def _digest(messages) -> str:

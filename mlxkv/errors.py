@@ -23,3 +23,7 @@ class CacheFileError(MlxkvError):
 
 class ConfigFileError(MlxkvError):
     """A configuration file (``models.toml``, an eval config) that cannot be read."""
+
+
+class GroupError(MlxkvError):
+    """A distributed group that cannot be formed, does not fit the model, or lost a rank."""

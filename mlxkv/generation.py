@@ -9,6 +9,7 @@ points at ``mlxkv/cache/route.py``: a cache that owns its attention computes it 
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -17,8 +18,9 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .cache.route import model_group
 from .errors import InputError
-from .stats import CacheStats, cache_stats
+from .stats import CacheStats, gather_stats
 
 DEFAULT_PREFILL_STEP = 512
 
@@ -187,8 +189,12 @@ def stream_generate(
         raise InputError("the prompt is empty")
     cache = default_cache(model) if cache is None else cache
     _check_context(model, cache, len(tokens), max_tokens)
-    if sampling.seed is not None:
-        mx.random.seed(sampling.seed)
+    group = model_group(model)
+    seed = sampling.seed
+    if group.size > 1:  # every rank must draw the same tokens: rank 0's seed for all
+        seed = group.broadcast(seed if seed is not None else random.randrange(2**31))
+    if seed is not None:
+        mx.random.seed(seed)
 
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
@@ -228,11 +234,13 @@ def stream_generate(
             if n >= max_tokens:
                 finish = "length"
                 break
-            if should_stop is not None and should_stop():
+            # in a group the ranks stop together: a stop asked on any rank (rank 0's user)
+            # travels with the statistics (one collective per token)
+            stats, flags = gather_stats(cache, group, (int(should_stop is not None and should_stop()),))
+            if any(f[0] for f in flags):
                 finish = "cancelled"
                 break
-            yield GenerationEvent(text, last, len(tokens), n, prefill_tps, decode_tps,
-                                  cache_stats(cache))
+            yield GenerationEvent(text, last, len(tokens), n, prefill_tps, decode_tps, stats)
             last, text = (), ""
     finally:
         steps.close()
@@ -242,7 +250,7 @@ def stream_generate(
         text += more if stopped else more + matcher.flush()
         finish = "stop" if stopped else finish or "length"
     yield GenerationEvent(text, last, len(tokens), n, prefill_tps, decode_tps,
-                          cache_stats(cache), finish)
+                          gather_stats(cache, group)[0], finish)
 
 
 def prefill(model, tokens: Sequence[int], cache: list, *, prefill_step: int = DEFAULT_PREFILL_STEP,

@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .cache.config import CacheConfig, make_cache
 from .cache.full import FullCache
+from .cache.route import model_group
 from .errors import CacheFileError
 
 FORMAT = "mlxkv-cache-2"
@@ -55,8 +56,13 @@ def save_cache(path: str | Path, cache: list, *, model, config: CacheConfig,
         "meta": json.dumps(metas),
         "tokens": json.dumps([int(t) for t in tokens]),
         "extra": json.dumps(extra or {}),
+        "group": _group_text(model_group(model)),
     }
     return atomic_write(path, lambda tmp: mx.save_safetensors(tmp, arrays, metadata))
+
+
+def _group_text(group) -> str:
+    return f"{group.rank}/{group.size}"
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
@@ -96,6 +102,13 @@ def load_cache(path: str | Path, model) -> tuple[list, CacheConfig, list[int], d
     if identity != model.mlxkv_identity:
         raise CacheFileError(f"{path} was saved with model {identity.get('name')!r} "
                              f"({identity}), not the loaded {model.mlxkv_identity.get('name')!r}")
+    saved, here = meta.get("group", "0/1"), _group_text(model_group(model))
+    if saved != here:
+        rank, size = saved.split("/")
+        by = "one process" if size == "1" else f"rank {rank} of a group of {size} processes"
+        now = "one process" if here == "0/1" else f"rank {here.replace('/', ' of a group of ')}"
+        raise CacheFileError(f"{path} was saved by {by}, and this is {now}: it loads only into "
+                             f"the same rank of a group of {size} (mlx.launch -n {size})")
     cache = make_cache(model, config)
     if [type(c).__name__ for c in cache] != classes:
         raise CacheFileError(f"{path} holds caches {sorted(set(classes))} that do not fit this model")

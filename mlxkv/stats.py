@@ -23,9 +23,24 @@ class LayerStats:
 
 
 @dataclass(frozen=True)
+class RankStats:
+    """One process's part of a cache split over a group (``mlxkv.distributed``)."""
+
+    rank: int
+    nbytes: int
+    used_nbytes: int
+    kept: int
+    budget: int | None
+
+
+@dataclass(frozen=True)
 class CacheStats:
+    """A model's cache: per layer, and in a group the whole cache (token counts as one
+    rank sees them, bytes added over the ranks) with each rank's part in ``ranks``."""
+
     layers: list[LayerStats] = field(default_factory=list)
     budget: int | None = None
+    ranks: tuple[RankStats, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -89,3 +104,41 @@ def cache_stats(cache, budget: int | None = None) -> CacheStats:
     if budget is None:
         budget = sum(getattr(c, "budget", None) or 0 for c in cache) or None  # mlx-lm caches: none
     return CacheStats(layers=[_layer_stats(c) for c in cache], budget=budget)
+
+
+_BITS = (2, 3, 4, 8)
+_COUNTS = ("seen", "kept_full", "evicted")
+_BYTES = ("nbytes", "fp16_nbytes", "used_nbytes", "dense_nbytes")
+_WIDTH = len(_COUNTS) + len(_BITS) + len(_BYTES)
+
+
+def gather_stats(cache, group, flags: tuple[int, ...] = ()) -> tuple[CacheStats, list[tuple[int, ...]]]:
+    """The whole cache of a model split over ``group`` (a collective: every rank calls it
+    at the same point), and every rank's ``flags`` (small whole numbers that travel with
+    the statistics, e.g. "stop"). Token counts are the most any rank holds (the ranks see
+    the same tokens), bytes the sum over the ranks."""
+    local = cache_stats(cache)
+    if group.size == 1:
+        return local, [tuple(flags)]
+    row = []
+    for s in local.layers:
+        row += [getattr(s, k) for k in _COUNTS] + [s.kept_quantized.get(b, 0) for b in _BITS]
+        row += [getattr(s, k) for k in _BYTES]
+    rows = group.gather(row + [local.budget or 0] + list(flags))
+    n = len(local.layers)
+    per = rows[:, : n * _WIDTH].reshape(group.size, n, _WIDTH)
+    top, total = per.max(axis=0), per.sum(axis=0)
+    layers, c, b = [], len(_COUNTS), len(_COUNTS) + len(_BITS)
+    for i, s in enumerate(local.layers):
+        quantized = {bits: int(top[i, c + j]) for j, bits in enumerate(_BITS) if top[i, c + j]}
+        layers.append(LayerStats(seen=int(top[i, 0]), kept_full=int(top[i, 1]),
+                                 kept_quantized=quantized, evicted=int(top[i, 2]),
+                                 **{k: int(total[i, b + j]) for j, k in enumerate(_BYTES)},
+                                 dtype=s.dtype))
+    budgets = rows[:, n * _WIDTH]
+    ranks = tuple(RankStats(rank=r, nbytes=int(per[r, :, b].sum()),
+                            used_nbytes=int(per[r, :, b + 2].sum()),
+                            kept=int((per[r, :, 1] + per[r, :, c:b].sum(axis=1)).max(initial=0)),
+                            budget=int(budgets[r]) or None) for r in range(group.size))
+    merged = CacheStats(layers=layers, budget=int(budgets.sum()) or None, ranks=ranks)
+    return merged, [tuple(int(x) for x in r[n * _WIDTH + 1:]) for r in rows]

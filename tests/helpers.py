@@ -95,3 +95,29 @@ def write_tiny_hf_folder(folder: Path, seed: int = 0) -> Path:
     (folder / "config.json").write_text(json.dumps(config))
     build_tokenizer(tiny_gguf_metadata())._tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def write_tiny_llama_folder(folder: Path, *, heads: int = 8, kv_heads: int = 4, head_dim: int = 32,
+                            layers: int = 2, ffn: int = 256, seed: int = 0) -> Path:
+    """A random-weight llama (any head counts) as an HF/MLX folder, with the tiny
+    tokenizer: for models the GGUF one cannot be (4 kv heads, head dim 32)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    from mlxkv.models.gguf import build_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(model_type="llama", hidden_size=heads * head_dim, num_hidden_layers=layers,
+                  intermediate_size=ffn, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  head_dim=head_dim, rms_norm_eps=1e-5, vocab_size=len(TOKENS), rope_theta=10000.0,
+                  rope_traditional=False, max_position_embeddings=4096, tie_word_embeddings=False,
+                  eos_token_id=2)
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    # twice the default init, with its own output head: greedy decoding then wanders over
+    # the vocabulary (at 1x it repeats one token, which would hide a wrong token order)
+    weights = {k: (2 * v).astype(mx.float32) for k, v in tree_flatten(model.parameters())}
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    (folder / "config.json").write_text(json.dumps(config))
+    build_tokenizer(tiny_gguf_metadata())._tokenizer.save_pretrained(str(folder))
+    return folder

@@ -208,8 +208,8 @@ def make_cache(model, config: CacheConfig | None = None, *, batch_size: int = 1)
     every plain full-attention ``KVCache`` replaced by the cache ``config`` asks for.
     Layers with a cache of their own kind (sliding-window, state-space) keep it.
     ``batch_size``: the sequences fed at once (the adaptive allocator takes one)."""
-    from .route import (is_routed, learned_sinks, model_dtype, model_head_dim, model_kv_heads,
-                        model_q_heads)
+    from .route import (is_routed, learned_sinks, model_dtype, model_group, model_head_dim,
+                        model_kv_heads, model_q_heads)
 
     config = (config or CacheConfig()).resolve(model_head_dim(model))
     if config.allocator == "adaptive" and batch_size != 1:
@@ -227,8 +227,8 @@ def make_cache(model, config: CacheConfig | None = None, *, batch_size: int = 1)
     caches = make_prompt_cache(model)
     ours = [i for i, c in enumerate(caches) if type(c) is KVCache]
     budgets = [None] * len(ours)
-    if config.budget is not None:
-        budgets = allocate(config.budget, len(ours), config.allocator)
+    if config.budget is not None:  # a group's budget: each rank holds its share
+        budgets = allocate(config.budget // model_group(model).size, len(ours), config.allocator)
     for n, i in enumerate(ours):
         window = None if budgets[n] is None else budget_window(model, config, budgets[n], len(ours))
         caches[i] = config.layer_cache(i, window, budgets[n])

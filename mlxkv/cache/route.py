@@ -19,12 +19,14 @@ from collections import Counter
 
 import mlx.core as mx
 
-from ..errors import InputError
+from ..distributed import SINGLE, Group
+from ..errors import GroupError, InputError
 from .base import CompressedCache
 
 _NAME = "scaled_dot_product_attention"
 _USERS: Counter[str] = Counter()  # module name -> routed models built from it
 _ROUTED_ATTR = "_mlxkv_routed_modules"
+_GROUP_ATTR = "mlxkv_group"
 
 
 def _router(original):
@@ -95,11 +97,44 @@ def model_head_dim(model) -> int:
 
 
 def model_q_heads(model) -> int:
-    return model.args.num_attention_heads
+    """Query heads of this process's share of the model (all of them in one process)."""
+    return model.args.num_attention_heads // model_group(model).size
 
 
 def model_kv_heads(model) -> int:
-    return model.args.num_key_value_heads or model.args.num_attention_heads
+    """Kv heads of this process's share of the model: the heads its caches hold."""
+    heads = model.args.num_key_value_heads or model.args.num_attention_heads
+    return heads // model_group(model).size
+
+
+def model_group(model) -> Group:
+    """The group ``model`` is split over (``shard``); a group of one if it is not."""
+    return getattr(model, _GROUP_ATTR, SINGLE)
+
+
+def shard(model, group: Group) -> None:
+    """Split ``model`` over ``group``, tensor parallel, with mlx-lm's own ``model.shard``:
+    each rank keeps 1/N of the attention heads (and so the caches of its own kv heads) and
+    of the MLP. A model that cannot be split that way is a ``GroupError``."""
+    if group.size == 1:
+        return
+    arch = type(model).__module__.split(".")[-1]
+    if not callable(getattr(model, "shard", None)):
+        raise GroupError(f"mlx-lm cannot split {arch} models over processes (they have no "
+                         "tensor-parallel shard): run this model in one process")
+    args, n = model.args, group.size
+    sizes = {"{} query heads": args.num_attention_heads,
+             "{} kv heads": args.num_key_value_heads or args.num_attention_heads,
+             "an MLP width of {}": getattr(args, "intermediate_size", None) or n}
+    bad = [k.format(v) for k, v in sizes.items() if v % n]
+    if bad:
+        fits = [d for d in range(2, 65) if all(v % d == 0 for v in sizes.values())]
+        what = ", ".join(bad[:-1]) + " and " + bad[-1] if len(bad) > 1 else bad[0]
+        fix = (f"launch {' or '.join(map(str, fits))} processes (mlx.launch -n)" if fits
+               else "it runs in one process only")
+        raise GroupError(f"this model's {what} do not divide over {n} processes: {fix}")
+    model.shard(group.group)
+    setattr(model, _GROUP_ATTR, group)
 
 
 def model_dtype(model) -> mx.Dtype:

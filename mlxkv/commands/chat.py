@@ -7,8 +7,9 @@ import sys
 
 from ..budget import format_bytes
 from ..errors import InputError
+from ..distributed import SINGLE
 from .common import (add_cache_flags, add_model_flags, add_sampling_flags, chat_defaults,
-                     load_for_args, sampling_from_args)
+                     describe_ranks, load_for_args, sampling_from_args)
 
 
 def add_parser(sub) -> None:
@@ -42,14 +43,19 @@ def session_for_args(args, quiet: bool):
 def run_plain(args) -> int:
     if args.resume:
         raise InputError("--resume needs the full-screen app (a terminal, without --plain)")
+    group = getattr(args, "group", SINGLE)
     session, resolved = session_for_args(args, quiet=False)
     print(f"mlxkv chat: {resolved.alias or resolved.path}, cache {session.cache_config.describe()}. "
-          "Type /clear to start over, /exit or Ctrl-D to quit.")
+          "Type /clear to start over, /exit or Ctrl-D to quit.", flush=True)
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print()
+        line = None
+        if group.leader:
+            try:
+                line = input("> ")
+            except EOFError:
+                print()
+        line = group.broadcast(line)  # in a group, rank 0 reads for all; None: end of input
+        if line is None:
             return 0
         if line.strip() in ("/exit", "/quit"):
             return 0
@@ -63,8 +69,9 @@ def run_plain(args) -> int:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
             st = event.cache
+            ranks = f"; {describe_ranks(st)}" if st.ranks else ""
             print(f"\n[{event.decode_tps:.1f} tok/s, KV {format_bytes(st.nbytes)}, "
-                  f"{st.seen} tokens]")
+                  f"{st.seen} tokens{ranks}]", flush=True)
         except InputError as e:
             print(f"mlxkv: {e}", file=sys.stderr)
         except KeyboardInterrupt:

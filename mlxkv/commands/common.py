@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..budget import format_bytes
 from ..cache.codec import BITS, GROUP_SIZES
+from ..distributed import SINGLE
 from ..cache.config import ALLOCATORS, KEY_MODES, CacheConfig
 from ..policies import known_policies
 
@@ -108,5 +110,14 @@ def load_for_args(args, quiet: bool = False, defaults: dict | None = None):
     resolved = resolve(args.model, registry=registry, progress=not quiet)
     model_defaults = registry.entries[resolved.alias].cache if resolved.alias in registry.entries else {}
     config = cache_config_from_args(args, {**model_defaults, **(defaults or {})})
-    model, tokenizer = load_resolved(resolved)
+    model, tokenizer = load_resolved(resolved, group=getattr(args, "group", SINGLE))
     return model, tokenizer, resolved, config.resolve(model_head_dim(model))
+
+
+def describe_ranks(stats) -> str:
+    """Each rank's part of a cache split over a group ("" in one process)."""
+    if not stats.ranks:
+        return ""
+    parts = [f"rank {r.rank} {format_bytes(r.nbytes)}" + (f" of {format_bytes(r.budget)}" if r.budget else "")
+             for r in stats.ranks]
+    return f"over {len(stats.ranks)} processes: " + ", ".join(parts)

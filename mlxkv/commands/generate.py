@@ -6,7 +6,9 @@ import sys
 
 from ..budget import format_bytes
 from ..errors import InputError
-from .common import add_cache_flags, add_model_flags, add_sampling_flags, load_for_args, sampling_from_args
+from ..distributed import SINGLE
+from .common import (add_cache_flags, add_model_flags, add_sampling_flags, describe_ranks,
+                     load_for_args, sampling_from_args)
 
 
 def add_parser(sub) -> None:
@@ -25,8 +27,13 @@ def run(args) -> int:
     from ..cache.config import make_cache
     from ..generation import chat_tokens, stream_generate
 
+    group = getattr(args, "group", SINGLE)
     prompt = args.prompt
     if prompt is None or prompt == "-":
+        if group.size > 1:
+            raise InputError("in a group (mlx.launch) give the prompt as an argument or with "
+                             "--prompt: mlx.launch does not pass on the end of stdin, so a "
+                             "piped prompt would never end")
         if sys.stdin is None or sys.stdin.isatty():
             raise InputError("no prompt: give --prompt TEXT or pipe the prompt on stdin")
         prompt = sys.stdin.read()
@@ -58,4 +65,6 @@ def run(args) -> int:
         budget = f" of a {format_bytes(st.budget)} budget" if st.budget else ""
         print(f"KV cache: {format_bytes(st.nbytes)}{budget} for {st.seen} tokens "
               f"({st.kept} kept, {st.compression:.2f}x vs {st.dtype})", file=sys.stderr)
+        if st.ranks:
+            print(f"  {describe_ranks(st)}", file=sys.stderr)
     return 0

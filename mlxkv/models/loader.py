@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..distributed import SINGLE, Group
 from ..errors import ModelFileError
 from .gguf import load_gguf
 from .sources import ResolvedModel, resolve
@@ -22,16 +23,18 @@ def compute_dtype() -> mx.Dtype:
 
 
 def load_resolved(resolved: ResolvedModel, *, dtype: mx.Dtype | None = None,
-                  dequantize: bool | None = None):
+                  dequantize: bool | None = None, group: Group = SINGLE):
     """Load a resolved model.
 
     On Metal, quantized weights stay quantized. On the CPU backend MLX's quantized matmul
     has no fast path (20x slower than a float32 product through BLAS), so by default the
     weights are expanded to ``dtype`` at load time; ``dequantize`` overrides that choice.
+    With a ``group`` of several processes (``mlx.launch``), each keeps its share of the
+    weights (see ``mlxkv.distributed``); they are split before they are evaluated.
     """
     from mlx_lm.utils import dequantize_model
 
-    from ..cache.route import route
+    from ..cache.route import route, shard
 
     dtype = dtype or compute_dtype()
     if resolved.format == "gguf":
@@ -41,6 +44,7 @@ def load_resolved(resolved: ResolvedModel, *, dtype: mx.Dtype | None = None,
     if dequantize if dequantize is not None else not on_gpu():
         model = dequantize_model(model)
     model.set_dtype(dtype, lambda d: mx.issubdtype(d, mx.floating))
+    shard(model, group)
     mx.eval(model.parameters())
     model.mlxkv_identity = identity(resolved, model)
     route(model)  # attention calls reach mlxkv's caches (mlxkv/cache/route.py)
@@ -69,10 +73,12 @@ def identity(resolved: ResolvedModel, model) -> dict:
 
 
 def load(name: str | None = None, *, dtype: mx.Dtype | None = None,
-         dequantize: bool | None = None, network: bool = True):
+         dequantize: bool | None = None, network: bool = True, group: Group = SINGLE):
     """Load a model by alias (see ``models.toml``), local path or hub repo.
 
     Returns ``(model, tokenizer)``: an mlx-lm model, its attention routed to mlxkv's
-    caches (``mlxkv.route``), and mlx-lm's ``TokenizerWrapper``.
+    caches (``mlxkv.route``), and mlx-lm's ``TokenizerWrapper``. ``group``
+    (``mlxkv.distributed.init()`` under ``mlx.launch``) splits it tensor parallel.
     """
-    return load_resolved(resolve(name, network=network), dtype=dtype, dequantize=dequantize)
+    return load_resolved(resolve(name, network=network), dtype=dtype, dequantize=dequantize,
+                         group=group)

@@ -16,12 +16,14 @@ import signal
 import socket
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from ..errors import InputError
+from . import protocol
 from .http import Server
 from .sessions import SessionStore
-from .worker import Worker
+from .worker import Worker, follow
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -57,10 +59,17 @@ class Service:
         self.store = SessionStore(model, tokenizer, config=config, total=total,
                                   directory=directory, disk_total=disk_total,
                                   generation=generation)
+        models = (name, *[a for a in aliases if a != name])
+        self.parse = partial(protocol.parse, models=models, default_config=self.store.config,
+                             max_tokens=max_tokens, sampling=sampling or Sampling())
+        self.leader = self.store.group.leader
+        self.url = self.server = self.sock = None
+        self._thread: threading.Thread | None = None
+        if not self.leader:  # another rank of a group: no HTTP, it follows rank 0
+            return
         self.worker = Worker(self.store).start()
-        self.http = Server(self.worker, models=(name, *[a for a in aliases if a != name]),
-                           max_tokens=max_tokens, sampling=sampling or Sampling(),
-                           api_key=api_key, max_body=max_body)
+        self.http = Server(self.worker, parse=self.parse, models=models, api_key=api_key,
+                           max_body=max_body)
         try:
             self.sock = _bind(host, port)
         except InputError:
@@ -72,10 +81,16 @@ class Service:
         self.url = f"http://{shown}:{bound}/v1"
         self.server = uvicorn.Server(uvicorn.Config(
             self.http.app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
-        self._thread: threading.Thread | None = None
 
     def run(self) -> None:
-        """Serve in this thread until Ctrl-C or SIGTERM (then stop cleanly)."""
+        """Serve in this thread until Ctrl-C or SIGTERM (then stop cleanly); another rank
+        of a group follows rank 0 until it stops."""
+        if not self.leader:
+            try:
+                follow(self.store, self.parse)
+            finally:
+                self.store.close()
+            return
 
         def stop(signum, frame):
             raise SystemExit(0)
@@ -102,6 +117,9 @@ class Service:
         return self
 
     def close(self) -> None:
+        if not self.leader:
+            self.store.close()
+            return
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)

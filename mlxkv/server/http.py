@@ -39,13 +39,12 @@ def sse(obj) -> str:
 
 
 class Server:
-    """The app's state: the worker, the names the model answers to, the server's
-    defaults and limits."""
+    """The app's state: the worker, how requests are read (``parse(kind, body)``, with the
+    server's defaults), the names the model answers to, the limits."""
 
-    def __init__(self, worker: Worker, *, models: tuple[str, ...], max_tokens: int, sampling,
+    def __init__(self, worker: Worker, *, parse, models: tuple[str, ...],
                  api_key: str | None = None, max_body: int = 8_000_000):
-        self.worker, self.store = worker, worker.store
-        self.models, self.max_tokens, self.sampling = models, max_tokens, sampling
+        self.worker, self.store, self.parse, self.models = worker, worker.store, parse, models
         self.api_key, self.max_body = api_key, max_body
         self.started = int(time.time())
 
@@ -109,8 +108,7 @@ class Server:
     async def complete(self, request: HTTPRequest, kind: str):
         self.authorize(request)
         body = await self.read_json(request)
-        req = protocol.parse(kind, body, models=self.models, default_config=self.store.config,
-                             max_tokens=self.max_tokens, sampling=self.sampling)
+        req = self.parse(kind, body)
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
 

@@ -59,6 +59,7 @@ class Request:
     session_id: str | None = None
     id: str = ""
     created: int = 0
+    body: dict = field(default_factory=dict)  # as sent (the other ranks of a group read it)
 
 
 def _number(body: dict, name: str, low: float, high: float, default):
@@ -207,7 +208,7 @@ def parse(kind: str, body: Any, *, models: tuple[str, ...], default_config: Cach
                    stream=stream, include_usage=bool(options.get("include_usage")),
                    max_tokens=tokens, sampling=sampling, stop=_stop(body),
                    config=_cache_config(body, default_config), session_id=session_id,
-                   id=f"{prefix}-{uuid.uuid4().hex[:24]}", created=int(time.time()))
+                   id=f"{prefix}-{uuid.uuid4().hex[:24]}", created=int(time.time()), body=body)
 
 
 # ----- responses -----------------------------------------------------------------------

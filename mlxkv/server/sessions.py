@@ -30,11 +30,11 @@ from mlx_lm.utils import common_prefix_len
 from ..budget import format_bytes
 from ..cache.config import CacheConfig, make_cache
 from ..cache.layout import STEP
-from ..cache.route import model_dtype, model_head_dim, model_kv_heads
+from ..cache.route import model_dtype, model_group, model_head_dim, model_kv_heads
 from ..chat import ChatSession, kv_path
 from ..errors import InputError
 from ..generation import chat_tokens, context_length, encode_prompt
-from ..stats import CacheStats, cache_stats
+from ..stats import CacheStats, gather_stats
 from .protocol import APIError, Request, bad, usage
 
 
@@ -71,7 +71,7 @@ class Entry:
         """Record what ``session``'s cache now holds."""
         self.tokens = list(session.cached_tokens)
         self.reply_start = session.last_reply_start
-        self.stats = cache_stats(session.cache)
+        self.stats = gather_stats(session.cache, model_group(session.model))[0]
 
 
 class SessionStore:
@@ -94,20 +94,26 @@ class SessionStore:
         self.layers = len(make_cache(model, CacheConfig()))
         self.token_bytes = 2 * model_kv_heads(model) * model_head_dim(model) * model_dtype(model).size
         self.context = context_length(model)
+        self.group = model_group(model)
         self.spilled = self.restored = self.forgotten = 0
         self.check(self.config)
+
+    def files(self, entry: "Entry") -> tuple[Path, Path]:
+        """A saved session's files: its messages and (this process's part of) its cache."""
+        return entry.path, kv_path(entry.path, self.group)
 
     # ----- memory ----------------------------------------------------------------------
     def reserve_bytes(self, config: CacheConfig, tokens: int) -> int:
         """The most a cache of ``config`` takes holding ``tokens`` tokens: its budget, or
         (no budget) every kept token at full precision, buffers rounded up to their growth
-        step plus a prefill chunk, sinks and residual (a bound, not an estimate)."""
+        step plus a prefill chunk, sinks and residual (a bound, not an estimate). In a
+        group: the whole group's (as ``--kv-total`` and the stats are)."""
         if config.budget is not None:
             return config.budget
         kept = tokens if config.window is None else min(tokens, config.window + config.sinks)
         step = self.generation.get("prefill_step", 512)
         rows = -(-kept // STEP) * STEP + step + STEP + config.sinks + config.residual + 128
-        return self.layers * rows * self.token_bytes
+        return self.layers * rows * self.token_bytes * self.group.size  # every rank's part
 
     def check(self, config: CacheConfig) -> None:
         """A session of ``config`` fits in ``total`` with room for at least a prompt."""
@@ -136,7 +142,7 @@ class SessionStore:
         """Save ``entry``'s session to disk (compressed cache + messages) and drop it from
         memory; over ``disk_total``, forget the oldest saved sessions (except ``keep``)."""
         entry.session.save(entry.path)
-        entry.disk_bytes = sum(p.stat().st_size for p in (entry.path, kv_path(entry.path)))
+        entry.disk_bytes = sum(p.stat().st_size for p in self.files(entry))
         with self._lock:
             entry.session = None
         mx.clear_cache()
@@ -157,7 +163,7 @@ class SessionStore:
         session = ChatSession.resume(entry.path, self.model, self.tokenizer, **self.generation)
         if session.resume_note:
             self.log(f"session {entry.id}: {session.resume_note}")
-        for p in (entry.path, kv_path(entry.path)):
+        for p in self.files(entry):
             p.unlink(missing_ok=True)
         with self._lock:
             entry.session, entry.disk_bytes = session, 0
@@ -179,7 +185,7 @@ class SessionStore:
     def drop(self, entry: Entry) -> None:
         with self._lock:
             self.entries.pop(entry.id, None)
-        for p in (entry.path, kv_path(entry.path)):
+        for p in self.files(entry):
             p.unlink(missing_ok=True)
 
     def session_for(self, req: Request, prompt: list[int]) -> Entry:
@@ -254,10 +260,15 @@ class SessionStore:
             rows = [{"id": e.id, "where": "memory" if e.session is not None else "disk",
                      "tokens_seen": e.stats.seen, "tokens_kept": e.stats.kept,
                      "tokens_evicted": e.stats.evicted, "bytes": e.nbytes,
-                     "disk_bytes": e.disk_bytes, "cache": e.config.describe()}
+                     "disk_bytes": e.disk_bytes, "cache": e.config.describe(),
+                     "ranks": [{"rank": r.rank, "bytes": r.nbytes if e.session is not None else 0}
+                               for r in e.stats.ranks]}
                     for e in sorted(entries, key=lambda e: -e.last_used)]
         total = sum(r["bytes"] for r in rows)
+        per_rank = [sum(row["ranks"][r]["bytes"] for row in rows if row["ranks"])
+                    for r in range(self.group.size)] if self.group.size > 1 else []
         return {"object": "kv", "total_bytes": total, "limit_bytes": self.total,
+                "group_size": self.group.size, "rank_bytes": per_rank,
                 "sessions_in_memory": sum(r["where"] == "memory" for r in rows),
                 "sessions_on_disk": sum(r["where"] == "disk" for r in rows),
                 "disk_bytes": sum(r["disk_bytes"] for r in rows),
@@ -274,5 +285,5 @@ class SessionStore:
             shutil.rmtree(self.directory, ignore_errors=True)
             return
         for e in entries:
-            for p in (e.path, kv_path(e.path)):
+            for p in self.files(e):
                 p.unlink(missing_ok=True)

@@ -62,12 +62,17 @@ class Worker:
                                                              type="server_error")})
         self.jobs.put(None)
         self._thread.join(timeout)
+        if self.store.group.size > 1:
+            self.store.group.broadcast(None)  # the followers stop too
 
     def _run(self) -> None:
+        group = self.store.group
         while (job := self.jobs.get()) is not None:
             if job.cancelled.is_set():
                 continue
             self.current = job
+            if group.size > 1:  # the other ranks serve the same request in step
+                group.broadcast({"kind": job.request.kind, "body": job.request.body})
             try:
                 self.store.serve(job.request, job.emit, job.cancelled.is_set)
             except APIError as e:
@@ -81,3 +86,14 @@ class Worker:
                     type="server_error")})
             self.current = None
             self.served += 1
+
+
+def follow(store: SessionStore, parse: Callable[[str, dict], Request]) -> None:
+    """A rank other than 0 in a group: serve what rank 0 serves, in the same order, until
+    it stops. Its errors are rank 0's too (the same checks on the same state): rank 0
+    reports them; here they are passed over."""
+    while (message := store.group.broadcast(None)) is not None:
+        try:
+            store.serve(parse(message["kind"], message["body"]), lambda item: None, lambda: False)
+        except (APIError, MlxkvError):
+            continue
