@@ -180,3 +180,48 @@ def test_default_model_over_three_ranks(smollm):
     one = {"size": 1, **greedy(*smollm, budget, 8)}
     three = script("smollm2-135m", "greedy", budget, ranks=3, tokens=8)
     check_same(one, three, 3, budget)
+
+
+def test_a_process_started_as_a_rank_without_its_group_says_so(tiny_tp):
+    env = {k: v for k, v in ENV.items() if not k.startswith("MLX_")}
+    r = subprocess.run([sys.executable, "-m", "mlxkv.cli", "generate", "--model", tiny_tp, "hi"],
+                       capture_output=True, text=True, timeout=60, env={**env, "MLX_RANK": "0"})
+    assert r.returncode == 2 and "started as rank 0 of a group" in r.stderr
+    assert "could not be formed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_on_two_ranks(tiny_tp):
+    """Rank 0 serves HTTP, rank 1 follows each request; /v1/kv shows each rank's part."""
+    import urllib.request
+
+    port = free_ports(1)
+    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(free_ports(2)), "--env",
+           "OPENBLAS_NUM_THREADS=1", "--", sys.executable, "-m", "mlxkv.cli", "serve", "--model",
+           tiny_tp, "--port", str(port), "--kv-bits", "4", "--kv-budget", "200KB"]
+    # its own session: the launcher and its ranks stop together, as Ctrl-C stops them
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"127.0.0.1:{port}" in line, line
+        url = f"http://127.0.0.1:{port}/v1"
+        replies = []
+        for stream in (False, True, False):
+            body = json.dumps({"messages": [{"role": "user", "content": "the cat sat"}],
+                               "max_tokens": 6, "temperature": 0, "stream": stream}).encode()
+            req = urllib.request.Request(url + "/chat/completions", body,
+                                         {"Content-Type": "application/json"})
+            replies.append(urllib.request.urlopen(req, timeout=120).read().decode())
+        first, last = json.loads(replies[0]), json.loads(replies[2])
+        assert first["choices"][0]["message"]["content"] == last["choices"][0]["message"]["content"]
+        assert "[DONE]" in replies[1]
+        view = json.loads(urllib.request.urlopen(url + "/kv", timeout=30).read())
+        assert view["group_size"] == 2 and len(view["rank_bytes"]) == 2
+        assert view["rank_bytes"][0] == view["rank_bytes"][1] > 0
+        assert sum(view["rank_bytes"]) == view["total_bytes"]
+        assert all(len(row["ranks"]) == 2 for row in view["sessions"])
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+        time.sleep(1)
+        subprocess.run(["pkill", "-KILL", "-g", str(proc.pid)], capture_output=True)
