@@ -24,8 +24,11 @@ from .errors import GroupError
 
 # Collectives of one group must reach the transport in the same order on every rank. The
 # decode loop (mlx-lm's generate_step) evaluates the next step's graph, with the model's
-# own all_sums, on its generation stream while a token is handled; ours go on that stream
-# too, after it. (On another stream the two would run at once and mix their messages.)
+# own all_sums, while a token is handled. Those take no stream: MLX puts a collective on
+# the default stream of the CPU device as it is inside ``mx.stream(generation_stream)``
+# (the generation stream itself on the CPU backend, the CPU's default stream beside a GPU
+# one on a Mac). Ours are made in that same context, so they queue behind the model's.
+# (On another stream the two would run at once and mix their messages.)
 
 LAUNCH_ENV = "MLX_RANK"  # set by mlx.launch for each process it starts
 
@@ -50,8 +53,9 @@ class Group:
         return self.rank == 0
 
     def _sum(self, a: mx.array) -> mx.array:
-        out = mx.distributed.all_sum(a, group=self.group, stream=generation_stream)
-        mx.eval(out)
+        with mx.stream(generation_stream):
+            out = mx.distributed.all_sum(a, group=self.group)
+            mx.eval(out)
         return out
 
     def broadcast(self, obj=None):
@@ -77,7 +81,9 @@ class Group:
         a = mx.array(np.asarray(values, dtype=np.int64).reshape(1, -1))
         if self.size == 1:
             return np.array(a)
-        out = mx.distributed.all_gather(a, group=self.group, stream=generation_stream)
+        with mx.stream(generation_stream):
+            out = mx.distributed.all_gather(a, group=self.group)
+            mx.eval(out)
         return np.array(out)
 
 
