@@ -35,6 +35,4 @@ def format_bytes(n: float) -> str:
 
 def token_bytes(codec, head_dim: int, kv_heads: int, dtype_size: int) -> float:
     """Bytes one token takes per layer in a codec's storage (one of K or V)."""
-    if codec.bits is None:
-        return kv_heads * head_dim * dtype_size
-    return kv_heads * (head_dim * codec.bits / 8 + 2 * dtype_size * head_dim / codec.group)
+    return kv_heads * codec.bytes_per_token(head_dim, dtype_size)

@@ -36,4 +36,8 @@ def cache_factories(model, window: int = 512) -> dict[str, Callable[[], list]]:
         **{f"mlxkv budget 16MB 4-bit {policy}": mlxkv(**budget, policy=policy)
            for policy in ("knorm", "snapkv", "h2o", "tova")},
         "mlxkv budget 16MB 4-bit snapkv adaptive": mlxkv(**budget, policy="snapkv", allocator="adaptive"),
+        **{f"mlxkv {b}-bit codebook": mlxkv(key_bits=b, value_bits=b, quant="codebook")
+           for b in (4, 3, 2)},
+        "mlxkv codebook K4 V2": mlxkv(key_bits=4, value_bits=2, quant="codebook"),
+        "mlxkv codebook K3 V2": mlxkv(key_bits=3, value_bits=2, quant="codebook"),
     }

@@ -22,7 +22,7 @@ OFF = ("off", "none")
 NULLABLE = ("key_bits", "value_bits", "group_size", "window", "budget")
 COUNTS = ("key_bits", "value_bits", "group_size", "residual", "window", "sinks", "start",
           "seed", "max_kv_size")
-TEXT = ("key_mode", "policy", "allocator")
+TEXT = ("key_mode", "policy", "allocator", "quant")
 FIELDS = tuple(f.name for f in fields(CacheConfig))
 
 
@@ -90,6 +90,8 @@ def apply(config: CacheConfig, words: Mapping[str, Any]) -> CacheConfig:
         changes["window"] = None
     if changes.get("window") is not None and "budget" not in changes:
         changes["budget"] = None
+    if changes.get("quant") == "codebook" and "key_mode" not in changes:
+        changes["key_mode"] = "token"  # codebook keys are coded per token
     if "key_bits" in changes and changes["key_bits"] is None:  # what only quantized keys have
         changes.setdefault("key_mode", "token")
         changes.setdefault("rotate", False)

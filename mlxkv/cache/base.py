@@ -28,13 +28,8 @@ from .codec import FLOAT
 from .eviction import Eviction
 from .fused import attend_fused, fused_inputs
 from .layout import Layout
+from .rotation import hadamard_signs, rotate
 from .segments import Segment, attend_segments, dense, visibility
-
-
-def hadamard_signs(dim: int, seed: int) -> mx.array:
-    """The random ±1 diagonal of a randomized Hadamard rotation (same seed, same signs)."""
-    key = mx.random.key(seed)
-    return mx.where(mx.random.bernoulli(0.5, (dim,), key=key), 1.0, -1.0)
 
 
 class CompressedCache:
@@ -124,7 +119,7 @@ class CompressedCache:
 
     # ----- writing ----------------------------------------------------------------
     def _rot(self, x):
-        return mx.hadamard_transform(x * self._signs.astype(x.dtype))
+        return rotate(x, self._signs)
 
     def update_and_fetch(self, keys, values):
         """Take L new tokens. One token is stored at once; a longer chunk is stored after

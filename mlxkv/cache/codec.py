@@ -1,4 +1,5 @@
-"""How one segment of keys or values is stored: full precision or affine-quantized.
+"""How one segment of keys or values is stored: full precision, affine-quantized, or as
+codes of a codebook after a rotation (``codebook.py``).
 
 A codec knows the storage layout of a run of cache slots and computes the two products
 attention needs straight from that storage, so no dequantized copy of the cache is kept:
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..kernels import quantize_rows
+from .codebook import CodebookCodec
 from ..kernels.quantize_rows import BITS, GROUP_SIZES  # noqa: F401  (what the kernels support)
 DEFAULT_GROUP = 64
 
@@ -38,6 +40,10 @@ class FloatCodec:
     block = 1
     parts = 1  # arrays in the storage of a run of slots
     fusable = False  # the fused decode kernel reads it (as its ring)
+
+    def bytes_per_token(self, head_dim: int, dtype_size: int) -> float:
+        """Bytes one token of one kv head takes."""
+        return head_dim * dtype_size
 
     def alloc(self, B, H, n, D, dtype):
         return (mx.zeros((B, H, n, D), dtype),)
@@ -81,6 +87,10 @@ class AffineCodec:
     @property
     def block(self) -> int:
         return self.group if self.axis == "channel" else 1
+
+    def bytes_per_token(self, head_dim: int, dtype_size: int) -> float:
+        """Bytes one token of one kv head takes: codes, and a scale and bias per group."""
+        return head_dim * self.bits / 8 + 2 * dtype_size * head_dim / self.group
 
     def alloc(self, B, H, n, D, dtype):
         if self.axis == "token":
@@ -158,6 +168,14 @@ def encode_pair(key_codec, value_codec, keys: mx.array, values: mx.array) -> tup
     return tuple(a[:B] for a in both), tuple(a[B:] for a in both)
 
 
-def make_codec(bits: int | None, group_size: int, axis: str = "token"):
-    """Full precision without bits, else affine ``bits``-bit groups of ``group_size``."""
-    return FLOAT if bits is None else AffineCodec(bits=bits, group=group_size, axis=axis)
+QUANTS = ("affine", "codebook")
+
+
+def make_codec(bits: int | None, group_size: int, axis: str = "token", quant: str = "affine"):
+    """Full precision without bits; else affine ``bits``-bit groups of ``group_size``, or
+    (``quant="codebook"``, per token) ``CodebookCodec``."""
+    if bits is None:
+        return FLOAT
+    if quant == "codebook":
+        return CodebookCodec(bits=bits)
+    return AffineCodec(bits=bits, group=group_size, axis=axis)

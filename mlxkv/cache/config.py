@@ -12,7 +12,8 @@ from ..errors import InputError
 from ..kernels import kernel_mode
 from ..policies import known_policies, make_policy
 from .layout import flush_unit
-from .codec import BITS, GROUP_SIZES, default_group, make_codec
+from .codebook import CODEBOOK_BITS
+from .codec import BITS, GROUP_SIZES, QUANTS, default_group, make_codec
 from .full import FullCache
 from .fused import preflight
 from .quantized import QuantizedCache
@@ -22,6 +23,13 @@ from .window import WindowCache
 
 KEY_MODES = ("token", "channel")
 HADAMARD_BASES = (1, 12, 20, 28)
+
+
+def _hadamard_size(n: int) -> bool:
+    """Whether ``mx.hadamard_transform`` takes vectors of ``n``: 2^k times 1, 12, 20, 28."""
+    while n % 2 == 0 and n not in HADAMARD_BASES:
+        n //= 2
+    return n in HADAMARD_BASES
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,9 @@ class CacheConfig:
       largest that divides the model's head dim, see ``resolve``), ``key_mode`` "token" or
       "channel" (KIVI), ``residual`` recent tokens at full precision, ``rotate`` keys with
       a randomized Hadamard transform, ``start``: tokens seen before quantizing begins;
+      ``quant``: "affine" (groups with a scale and bias) or "codebook" (each vector
+      rotated, its coordinates coded with the optimal codebook of their known
+      distribution: 2, 3 or 4 bits plus one float16 scale per vector; ``codebook.py``);
     - ``window``: ``WindowCache`` of ``sinks`` + ``window`` recent tokens, quantized when
       bits are set;
     - ``budget`` (bytes, or a size such as "64MB"): the whole model's KV never takes more.
@@ -61,6 +72,7 @@ class CacheConfig:
     budget: int | None = None
     policy: str = "window"
     allocator: str = "uniform"
+    quant: str = "affine"
 
     def __post_init__(self):
         if self.budget is not None:  # parsed once, here: a size such as "64MB" -> bytes
@@ -84,13 +96,26 @@ class CacheConfig:
                 problems.append(f"{name} must be one of {BITS} (got {b})")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
             problems.append(f"group_size must be one of {GROUP_SIZES} (got {self.group_size})")
-        elif head_dim is not None and self.quantized:
+        elif head_dim is not None and self.quantized and self.quant != "codebook":
             if self.group_size is None and default_group(head_dim) is None:
                 problems.append(f"no supported group size {GROUP_SIZES} divides the head dim "
                                 f"{head_dim}: this model's KV cannot be quantized (leave bits off)")
             elif self.group_size is not None and head_dim % self.group_size:
                 problems.append(f"group_size {self.group_size} does not divide the head dim "
                                 f"{head_dim} (leave it unset to pick one that does)")
+        if self.quant not in QUANTS:
+            problems.append(f"quant must be one of {QUANTS} (got {self.quant!r})")
+        elif self.quant == "codebook":
+            for name in ("key_bits", "value_bits"):
+                b = getattr(self, name)
+                if b is not None and b not in CODEBOOK_BITS:
+                    problems.append(f"codebook {name} must be one of {CODEBOOK_BITS} (got {b})")
+            if self.key_mode != "token":
+                problems.append("codebook keys are coded per token (key_mode 'token')")
+            if head_dim is not None and self.quantized and not (
+                    _hadamard_size(head_dim) and head_dim % 32 == 0):
+                problems.append(f"the codebook needs a head dim of 2^k times 1, 12, 20 or 28 "
+                                f"that is a multiple of 32 (got {head_dim})")
         if self.key_mode not in KEY_MODES:
             problems.append(f"key_mode must be one of {KEY_MODES} (got {self.key_mode!r})")
         if self.key_mode == "channel" and self.key_bits is None:
@@ -101,12 +126,8 @@ class CacheConfig:
             problems.append("residual only applies to a quantized cache (set key/value bits)")
         if self.rotate and self.key_bits is None:
             problems.append("rotate only applies to quantized keys (set key_bits)")
-        if self.rotate and head_dim is not None:
-            base = head_dim
-            while base % 2 == 0 and base not in HADAMARD_BASES:
-                base //= 2
-            if base not in HADAMARD_BASES:
-                problems.append(f"rotate needs a head dim of 2^k times 1, 12, 20 or 28 (got {head_dim})")
+        if self.rotate and head_dim is not None and not _hadamard_size(head_dim):
+            problems.append(f"rotate needs a head dim of 2^k times 1, 12, 20 or 28 (got {head_dim})")
         if self.start < 0:
             problems.append("start must be >= 0")
         if self.window is not None:
@@ -167,7 +188,10 @@ class CacheConfig:
         if self.quantized:
             kb = f"{self.key_bits}-bit" if self.key_bits else "fp"
             vb = f"{self.value_bits}-bit" if self.value_bits else "fp"
-            parts.append(f"K {kb} ({self.key_mode}) V {vb}, group {self.group_size or 'auto'}")
+            if self.quant == "codebook":
+                parts.append(f"K {kb} V {vb} codebook")
+            else:
+                parts.append(f"K {kb} ({self.key_mode}) V {vb}, group {self.group_size or 'auto'}")
             if self.residual:
                 parts.append(f"residual {self.residual}")
             if self.rotate:
@@ -189,6 +213,7 @@ class CacheConfig:
             args = dict(window=window, sinks=self.sinks, key_bits=self.key_bits,
                         value_bits=self.value_bits, group_size=self.group_size,
                         key_mode=self.key_mode, residual=self.residual, rotate=self.rotate,
+                        quant=self.quant,
                         seed=self.seed + layer, budget=budget)
             if self.policy != "window" and self.allocator == "adaptive":
                 return AdaptiveScoredCache(policy=make_policy(self.policy), **args)
@@ -198,6 +223,7 @@ class CacheConfig:
         if self.quantized:
             return QuantizedCache(key_bits=self.key_bits, value_bits=self.value_bits,
                                   group_size=self.group_size, key_mode=self.key_mode,
+                                  quant=self.quant,
                                   residual=self.residual, rotate=self.rotate,
                                   start=self.start, seed=self.seed + layer)
         return FullCache()
@@ -263,8 +289,8 @@ def budget_window(model, config: CacheConfig, per_layer: int, n_layers: int) -> 
     head_dim = model_head_dim(model)
     kv_heads = model_kv_heads(model)
     dtype_size = model_dtype(model).size
-    kc = make_codec(config.key_bits, config.group_size, config.key_mode)
-    vc = make_codec(config.value_bits, config.group_size, "token")
+    kc = make_codec(config.key_bits, config.group_size, config.key_mode, config.quant)
+    vc = make_codec(config.value_bits, config.group_size, "token", config.quant)
     unit = flush_unit(kc, vc, config.residual)
     full = 2 * kv_heads * head_dim * dtype_size  # one token's K and V at full precision
     fixed = (config.sinks + config.residual + unit) * full

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..budget import format_bytes
-from ..cache.codec import BITS, GROUP_SIZES
+from ..cache.codec import BITS, GROUP_SIZES, QUANTS
 from ..distributed import SINGLE
 from ..cache.config import ALLOCATORS, KEY_MODES, CacheConfig
 from ..policies import known_policies
@@ -14,7 +14,7 @@ from ..policies import known_policies
 # --kv-* flag -> the word mlxkv.settings reads (a CacheConfig field, or bits/max_kv_size)
 CACHE_FLAGS = ("kv_bits", "kv_key_bits", "kv_value_bits", "kv_group_size", "kv_key_mode",
                "kv_residual", "kv_rotate", "kv_window", "kv_sinks", "kv_start", "kv_budget",
-               "kv_policy", "kv_allocator", "max_kv_size")
+               "kv_policy", "kv_allocator", "kv_quant", "max_kv_size")
 
 # What `mlxkv chat` uses when no budget, window or bits are given: the conversation goes
 # on forever inside a fixed amount of memory.
@@ -44,6 +44,9 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
                    help="bits for values (overrides --kv-bits)")
     g.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, default=None,
                    help="quantization group size (default: 64, or the largest dividing the head dim)")
+    g.add_argument("--kv-quant", choices=QUANTS, default=None,
+                   help="how bits are spent: affine groups (default) or codebook (rotated "
+                        "vectors, optimal codebook: near-lossless at 3 bits, 2-4 bits)")
     g.add_argument("--kv-key-mode", choices=KEY_MODES, default=None,
                    help="group keys per token or per channel (KIVI)")
     g.add_argument("--kv-residual", type=int, default=None,

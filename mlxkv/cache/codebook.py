@@ -1,0 +1,152 @@
+"""``CodebookCodec``: keys or values as codes of an optimal scalar codebook after a
+randomized Hadamard rotation (TurboQuant's MSE stage).
+
+After the rotation (``rotation.py``), each coordinate of a head vector divided by its norm,
+times sqrt(D), follows one known distribution (that of a coordinate of a random point on
+the sphere: density ∝ (1 - x²/D)^((D-3)/2), close to N(0, 1)). Each coordinate is coded
+with the Lloyd-Max codebook of that distribution (2^bits levels, ``lloyd_max``); the
+vector keeps one scale, stored as float16: its norm times the least-squares fit of the
+coded direction. Nothing depends on the data, so there are no per-group scales and biases:
+``bits`` + 16 / D bits per element (3.25 at 3 bits for D = 64).
+
+Storage of n slots (B batch, H kv heads, D head dim): the codes as bit planes of 4, 2 or 1
+bits (3 bits: a 2-bit plane and a 1-bit plane, so no code straddles two words), each
+(B, H, n, D * width / 32) uint32, then the scales (B, H, n, 1) float16. Attention works in
+the rotated space: queries are rotated (scores are unchanged by an orthonormal rotation),
+and the weighted sum of values is rotated back once per query row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import mlx.core as mx
+import numpy as np
+
+from .rotation import hadamard_signs, rotate, unrotate
+
+CODEBOOK_BITS = (2, 3, 4)
+PLANES = {2: (2,), 3: (2, 1), 4: (4,)}  # bit-plane widths of a code, low bits first
+
+
+@lru_cache(maxsize=None)
+def lloyd_max(bits: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(levels, boundaries): the Lloyd-Max quantizer of ``bits`` bits for one coordinate of
+    a uniformly random unit vector in R^dim scaled by sqrt(dim) (float64)."""
+    reach = min(np.sqrt(dim), 10.0)
+    x = np.linspace(-reach, reach, 200_001)
+    f = np.clip(1.0 - x * x / dim, 0.0, None) ** ((dim - 3) / 2)
+    cdf = np.cumsum(f)
+    cdf /= cdf[-1]
+    n = 2 ** bits
+    levels = np.interp((np.arange(n) + 0.5) / n, cdf, x)  # start from the quantiles
+    for _ in range(500):
+        bounds = (levels[1:] + levels[:-1]) / 2
+        cell = np.searchsorted(bounds, x)
+        mass = np.bincount(cell, weights=f, minlength=n)
+        new = np.bincount(cell, weights=f * x, minlength=n) / np.maximum(mass, 1e-300)
+        if np.allclose(new, levels, atol=1e-10):
+            break
+        levels = new
+    levels = (levels - levels[::-1]) / 2  # the density is even: so is the quantizer
+    return levels, (levels[1:] + levels[:-1]) / 2
+
+
+@lru_cache(maxsize=None)
+def _tables(bits: int, dim: int, seed: int) -> tuple[mx.array, mx.array, mx.array]:
+    levels, bounds = lloyd_max(bits, dim)
+    return (mx.array(levels, dtype=mx.float32), mx.array(bounds, dtype=mx.float32),
+            hadamard_signs(dim, seed))
+
+
+def _pack(codes: mx.array, width: int) -> mx.array:
+    """codes (..., D) uint32 < 2^width -> (..., D * width / 32) uint32."""
+    per = 32 // width
+    shifts = mx.arange(per, dtype=mx.uint32) * width
+    grouped = codes.reshape(*codes.shape[:-1], -1, per)
+    return mx.sum(grouped << shifts, axis=-1).astype(mx.uint32)  # fields do not overlap
+
+
+def _unpack(words: mx.array, width: int) -> mx.array:
+    per = 32 // width
+    shifts = mx.arange(per, dtype=mx.uint32) * width
+    fields = (words[..., None] >> shifts) & ((1 << width) - 1)
+    return fields.reshape(*words.shape[:-1], -1)
+
+
+@dataclass(frozen=True)
+class CodebookCodec:
+    bits: int
+    seed: int = 0
+    axis = "token"
+    block = 1
+    group = 32  # tokens flushed from a residual at a time (see layout.flush_unit)
+    fusable = False  # the fused Metal kernel reads affine storage only (so far)
+
+    @property
+    def parts(self) -> int:
+        return len(PLANES[self.bits]) + 1
+
+    def bytes_per_token(self, head_dim: int, dtype_size: int) -> float:
+        """Bytes one token of one kv head takes: its codes and its float16 scale."""
+        return head_dim * self.bits / 8 + 2
+
+    def alloc(self, B, H, n, D, dtype):
+        planes = tuple(mx.zeros((B, H, n, D * w // 32), mx.uint32) for w in PLANES[self.bits])
+        return planes + (mx.zeros((B, H, n, 1), mx.float16),)
+
+    def grow(self, state, extra):
+        return tuple(mx.concatenate([a, mx.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype)], axis=2)
+                     for a in state)
+
+    def encode(self, x):
+        """x (B, H, n, D) float -> the codes' bit planes and the scales of those n tokens."""
+        D = x.shape[-1]
+        levels, bounds, signs = _tables(self.bits, D, self.seed)
+        xr = rotate(x.astype(mx.float32), signs)
+        norm = mx.sqrt(mx.sum(xr * xr, axis=-1, keepdims=True))
+        u = xr * (np.sqrt(D) / mx.maximum(norm, 1e-30))
+        codes = mx.sum(u[..., None] > bounds, axis=-1).astype(mx.uint32)
+        c = levels[codes]
+        # the scale that fits the coded direction best (least squares), not just the norm
+        fit = mx.sum(u * c, axis=-1, keepdims=True) / mx.maximum(mx.sum(c * c, axis=-1, keepdims=True), 1e-30)
+        planes, low = [], 0
+        for width in PLANES[self.bits]:
+            planes.append(_pack((codes >> low) & ((1 << width) - 1), width))
+            low += width
+        return (*planes, (norm * fit / np.sqrt(D)).astype(mx.float16))
+
+    def write(self, state, slot, x):
+        self.store(state, slot, self.encode(x), x.shape[2])
+
+    def store(self, state, slot, parts, n):
+        for dst, src in zip(state, parts):
+            dst[..., slot : slot + n, :] = src
+
+    def slots(self, state, n):
+        return tuple(a[..., :n, :] for a in state)
+
+    def rotated(self, state, dtype) -> mx.array:
+        """The slots' vectors in the rotated space (B, H, n, D): codebook levels times
+        scales (a working block of one attention call, never stored)."""
+        *planes, scale = state
+        codes, low = None, 0
+        for words, width in zip(planes, PLANES[self.bits]):
+            part = _unpack(words, width) << low
+            codes = part if codes is None else codes | part
+            low += width
+        levels, _, _ = _tables(self.bits, codes.shape[-1], self.seed)
+        return (levels[codes] * scale.astype(mx.float32)).astype(dtype)
+
+    def scores(self, q, state):
+        signs = _tables(self.bits, q.shape[-1], self.seed)[2]
+        return rotate(q, signs) @ self.rotated(state, q.dtype).swapaxes(-1, -2)
+
+    def weighted(self, p, state):
+        v = self.rotated(state, p.dtype)
+        return unrotate(p @ v, _tables(self.bits, v.shape[-1], self.seed)[2])
+
+    def decode(self, state):
+        v = self.rotated(state, mx.float32)
+        return unrotate(v, _tables(self.bits, v.shape[-1], self.seed)[2])

@@ -1,0 +1,137 @@
+"""The codebook codec (rotation + Lloyd-Max codes + one scale per vector): references in
+float32 first, then the codec against them, by bits, at odd lengths and head dims."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlxkv
+from conftest import tiny_model
+from mlxkv.cache.codebook import CodebookCodec, lloyd_max
+from mlxkv.cache.codec import AffineCodec, make_codec
+from mlxkv.cache.config import CacheConfig, make_cache
+from mlxkv.errors import InputError
+from mlxkv.persist import load_cache, save_cache
+
+
+def ref_scores(q, k):
+    return q.astype(mx.float32) @ k.astype(mx.float32).swapaxes(-1, -2)
+
+
+def ref_weighted(p, v):
+    return p.astype(mx.float32) @ v.astype(mx.float32)
+
+
+def rel_mse(a, b):
+    return (mx.sum((a - b) ** 2) / mx.sum(b ** 2)).item()
+
+
+def keys_like(shape, seed=0):
+    """Gaussian vectors with a few large channels, as attention keys have."""
+    mx.random.seed(seed)
+    scale = np.ones(shape[-1], np.float32)
+    scale[[3, 17, -2]] = (9.0, 12.0, 6.0)
+    return mx.random.normal(shape) * mx.array(scale)
+
+
+# relative MSE of a round trip, by bits (Lloyd-Max for N(0, 1): 0.1175, 0.0345, 0.0095)
+BOUND = {2: 0.12, 3: 0.037, 4: 0.011}
+TOL = {mx.float32: 1e-4, mx.float16: 2e-2}
+
+
+def test_lloyd_max_levels_are_the_gaussian_ones_for_wide_heads():
+    for bits, known in ((1, [0.7979]), (2, [0.4528, 1.5104])):
+        levels, bounds = lloyd_max(bits, 4096)
+        assert np.allclose(levels, -levels[::-1])  # symmetric
+        assert np.allclose(levels[len(levels) // 2:], known, atol=2e-3)
+        assert np.all(np.diff(bounds) > 0) and len(bounds) == 2 ** bits - 1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n,D", [(1, 64), (7, 64), (33, 128), (5, 96)])
+def test_round_trip_error_is_bounded_by_bits_and_below_affine(bits, n, D):
+    x = keys_like((1, 2, n, D), seed=bits * 100 + n)
+    c = CodebookCodec(bits)
+    state = c.alloc(1, 2, n, D, mx.float32)
+    c.write(state, 0, x)
+    err = rel_mse(c.decode(state), x)
+    # few vectors are noisy estimates of the mean error: allow for it at n = 1
+    assert err < BOUND[bits] * (2.5 if n * 2 < 8 else 1.3)
+    if D % 64 == 0 and n >= 7:
+        a = AffineCodec(bits, 64)
+        sa = a.alloc(1, 2, n, D, mx.float32)
+        a.write(sa, 0, x)
+        assert err < rel_mse(a.decode(sa), x)  # and it stores no scales or biases per group
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_attention_over_codes_matches_the_decoded_reference(bits, dtype):
+    n, D = 37, 64
+    x = keys_like((1, 3, n, D), seed=bits).astype(dtype)
+    c = CodebookCodec(bits)
+    state = c.alloc(1, 3, n, D, dtype)
+    c.write(state, 0, x)
+    dense = c.decode(state)
+    q = mx.random.normal((1, 3, 4, D)).astype(dtype)
+    p = mx.softmax(mx.random.normal((1, 3, 4, n)), axis=-1).astype(dtype)
+    scale = mx.abs(ref_scores(q, dense)).max().item()
+    assert mx.abs(c.scores(q, state).astype(mx.float32) - ref_scores(q, dense)).max().item() <= TOL[dtype] * scale
+    vscale = mx.abs(dense).max().item()
+    assert mx.abs(c.weighted(p, state).astype(mx.float32) - ref_weighted(p, dense)).max().item() <= TOL[dtype] * vscale
+
+
+def test_storage_is_bits_plus_one_half_scale_per_vector():
+    for bits in (2, 3, 4):
+        c = CodebookCodec(bits)
+        state = c.alloc(2, 3, 256, 64, mx.float32)
+        assert sum(a.nbytes for a in state) == 2 * 3 * 256 * c.bytes_per_token(64, 4)
+        assert c.bytes_per_token(64, 4) * 8 / 64 == bits + 0.25  # 16-bit scale over 64 elements
+        # slots written in pieces read back the same as written at once
+        x = keys_like((2, 3, 10, 64))
+        c.write(state, 0, x[:, :, :4])
+        c.write(state, 4, x[:, :, 4:])
+        whole = c.alloc(2, 3, 10, 64, mx.float32)
+        c.write(whole, 0, x)
+        assert all(mx.array_equal(a, b) for a, b in zip(c.slots(state, 10), whole))
+
+
+def test_config_checks_and_settings_words():
+    from mlxkv import settings
+
+    assert make_codec(3, 64, quant="codebook") == CodebookCodec(3)
+    config = settings.apply(CacheConfig(), {"kv_bits": 3, "kv_quant": "codebook"}).resolve(64)
+    assert config.describe() == "K 3-bit V 3-bit codebook"
+    for bad, why in (({"key_bits": 8, "quant": "codebook"}, "codebook key_bits must be one of"),
+                     ({"key_bits": 3, "quant": "codebook", "key_mode": "channel"}, "per token"),
+                     ({"key_bits": 3, "quant": "vq"}, "quant must be one of")):
+        with pytest.raises(InputError, match=why):
+            CacheConfig(**bad).check(64)
+    with pytest.raises(InputError, match="head dim of 2"):
+        CacheConfig(key_bits=3, value_bits=3, quant="codebook").check(80)
+
+
+def test_codebook_caches_grow_save_and_hold_a_budget(tmp_path):
+    model = tiny_model("llama")  # head dim 32, 2 kv heads, float32
+    prompt = mx.random.randint(0, 512, (300,)).tolist()
+    grow = make_cache(model, CacheConfig(key_bits=3, value_bits=3, quant="codebook", residual=32))
+    model(mx.array(prompt)[None], cache=grow)
+    st = mlxkv.cache_stats(grow)
+    assert st.kept == 300 and st.layers[0].kept_quantized.get(3, 0) >= 256
+    model.mlxkv_identity = {"name": "tiny-llama"}
+    config = CacheConfig(key_bits=3, value_bits=3, quant="codebook", residual=32)
+    save_cache(tmp_path / "c.safetensors", grow, model=model, config=config, tokens=prompt)
+    loaded, _, tokens, _ = load_cache(tmp_path / "c.safetensors", model)
+    step = mx.array([[7]])
+    assert tokens == prompt and mx.allclose(model(step, cache=grow), model(step, cache=loaded)).item()
+    budget = CacheConfig(key_bits=2, value_bits=2, quant="codebook", budget=20_000, policy="snapkv")
+    cache = make_cache(model, budget)
+    for i in range(0, 300, 64):
+        model(mx.array(prompt[i:i + 64])[None], cache=cache)
+    st = mlxkv.cache_stats(cache)
+    assert st.nbytes <= 20_000 and st.evicted > 0
+    # a budget of codebook codes holds more tokens than the same budget of affine ones
+    affine = make_cache(model, budget.replace(quant="affine"))
+    for i in range(0, 300, 64):
+        model(mx.array(prompt[i:i + 64])[None], cache=affine)
+    assert st.kept > mlxkv.cache_stats(affine).kept
