@@ -24,6 +24,7 @@ from functools import lru_cache
 import mlx.core as mx
 import numpy as np
 
+from ..kernels.codebook_attention import codebook_scores, codebook_weighted, vectors_reference
 from .rotation import hadamard_signs, rotate, unrotate
 
 CODEBOOK_BITS = (2, 3, 4)
@@ -66,13 +67,6 @@ def _pack(codes: mx.array, width: int) -> mx.array:
     shifts = mx.arange(per, dtype=mx.uint32) * width
     grouped = codes.reshape(*codes.shape[:-1], -1, per)
     return mx.sum(grouped << shifts, axis=-1).astype(mx.uint32)  # fields do not overlap
-
-
-def _unpack(words: mx.array, width: int) -> mx.array:
-    per = 32 // width
-    shifts = mx.arange(per, dtype=mx.uint32) * width
-    fields = (words[..., None] >> shifts) & ((1 << width) - 1)
-    return fields.reshape(*words.shape[:-1], -1)
 
 
 @dataclass(frozen=True)
@@ -127,26 +121,21 @@ class CodebookCodec:
     def slots(self, state, n):
         return tuple(a[..., :n, :] for a in state)
 
-    def rotated(self, state, dtype) -> mx.array:
-        """The slots' vectors in the rotated space (B, H, n, D): codebook levels times
-        scales (a working block of one attention call, never stored)."""
+    def _parts(self, state, dim):
         *planes, scale = state
-        codes, low = None, 0
-        for words, width in zip(planes, PLANES[self.bits]):
-            part = _unpack(words, width) << low
-            codes = part if codes is None else codes | part
-            low += width
-        levels, _, _ = _tables(self.bits, codes.shape[-1], self.seed)
-        return (levels[codes] * scale.astype(mx.float32)).astype(dtype)
+        return dict(planes=planes, widths=PLANES[self.bits], scale=scale,
+                    levels=_tables(self.bits, dim, self.seed)[0])
 
     def scores(self, q, state):
         signs = _tables(self.bits, q.shape[-1], self.seed)[2]
-        return rotate(q, signs) @ self.rotated(state, q.dtype).swapaxes(-1, -2)
+        return codebook_scores(q=rotate(q, signs), **self._parts(state, q.shape[-1]))
 
     def weighted(self, p, state):
-        v = self.rotated(state, p.dtype)
-        return unrotate(p @ v, _tables(self.bits, v.shape[-1], self.seed)[2])
+        D = state[0].shape[-1] * 32 // PLANES[self.bits][0]
+        out = codebook_weighted(p=p, **self._parts(state, D))
+        return unrotate(out, _tables(self.bits, D, self.seed)[2])
 
     def decode(self, state):
-        v = self.rotated(state, mx.float32)
-        return unrotate(v, _tables(self.bits, v.shape[-1], self.seed)[2])
+        D = state[0].shape[-1] * 32 // PLANES[self.bits][0]
+        v = vectors_reference(**self._parts(state, D), dtype=mx.float32)
+        return unrotate(v, _tables(self.bits, D, self.seed)[2])
