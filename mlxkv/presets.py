@@ -40,4 +40,5 @@ def cache_factories(model, window: int = 512) -> dict[str, Callable[[], list]]:
            for b in (4, 3, 2)},
         "mlxkv codebook K4 V2": mlxkv(key_bits=4, value_bits=2, quant="codebook"),
         "mlxkv codebook K3 V2": mlxkv(key_bits=3, value_bits=2, quant="codebook"),
+        "mlxkv codebook K2+sketch V2": mlxkv(key_bits=2, value_bits=2, quant="codebook", sketch=True),
     }

@@ -96,6 +96,22 @@ def test_storage_is_bits_plus_one_half_scale_per_vector():
         assert all(mx.array_equal(a, b) for a, b in zip(c.slots(state, 10), whole))
 
 
+def test_the_sign_sketch_makes_key_scores_unbiased_at_one_more_bit():
+    """TurboQuant's second stage on keys: E[score] = q.k. (At this head size it adds more
+    variance than it removes bias: the eval table measures what that does.)"""
+    x = keys_like((1, 1, 4000, 64), seed=5)
+    q = mx.random.normal((1, 1, 1, 64))
+    true = ref_scores(q, x)
+    for bits in (2, 3):
+        c = CodebookCodec(bits, sketch=True)
+        assert c.bytes_per_token(64, 4) == CodebookCodec(bits).bytes_per_token(64, 4) + 64 / 8 + 2
+        state = c.alloc(1, 1, 4000, 64, mx.float32)
+        c.write(state, 0, x)
+        err = c.scores(q, state) - true
+        spread = mx.sqrt(mx.mean(err ** 2)).item()
+        assert abs(mx.mean(err).item()) < 4 * spread / np.sqrt(4000)  # mean within noise
+
+
 def test_config_checks_and_settings_words():
     from mlxkv import settings
 
@@ -104,7 +120,8 @@ def test_config_checks_and_settings_words():
     assert config.describe() == "K 3-bit V 3-bit codebook"
     for bad, why in (({"key_bits": 8, "quant": "codebook"}, "codebook key_bits must be one of"),
                      ({"key_bits": 3, "quant": "codebook", "key_mode": "channel"}, "per token"),
-                     ({"key_bits": 3, "quant": "vq"}, "quant must be one of")):
+                     ({"key_bits": 3, "quant": "vq"}, "quant must be one of"),
+                     ({"key_bits": 3, "sketch": True}, "sketch applies to codebook keys")):
         with pytest.raises(InputError, match=why):
             CacheConfig(**bad).check(64)
     with pytest.raises(InputError, match="head dim of 2"):

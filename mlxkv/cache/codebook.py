@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..kernels.codebook_attention import codebook_scores, codebook_weighted, vectors_reference
+from ..kernels.codebook_attention import codes as codes_of
 from .rotation import hadamard_signs, rotate, unrotate
 
 CODEBOOK_BITS = (2, 3, 4)
@@ -69,10 +70,21 @@ def _pack(codes: mx.array, width: int) -> mx.array:
     return mx.sum(grouped << shifts, axis=-1).astype(mx.uint32)  # fields do not overlap
 
 
+@lru_cache(maxsize=None)
+def _sketch_matrix(dim: int, seed: int) -> mx.array:
+    """The Gaussian projection of the 1-bit residual sketch (D, D), seeded."""
+    return mx.random.normal((dim, dim), key=mx.random.key(seed + 7919))
+
+
 @dataclass(frozen=True)
 class CodebookCodec:
+    """``sketch``: keys also keep TurboQuant's second stage, the signs of a Gaussian
+    projection of what the codes missed (1 bit per element, plus that residual's norm),
+    which makes the inner products with queries unbiased (QJL)."""
+
     bits: int
     seed: int = 0
+    sketch: bool = False
     axis = "token"
     block = 1
     group = 32  # tokens flushed from a residual at a time (see layout.flush_unit)
@@ -80,15 +92,17 @@ class CodebookCodec:
 
     @property
     def parts(self) -> int:
-        return len(PLANES[self.bits]) + 1
+        return len(PLANES[self.bits]) + 1 + 2 * self.sketch
 
     def bytes_per_token(self, head_dim: int, dtype_size: int) -> float:
-        """Bytes one token of one kv head takes: its codes and its float16 scale."""
-        return head_dim * self.bits / 8 + 2
+        """Bytes one token of one kv head takes: its codes and its float16 scale (and the
+        sketch's sign bits and float16 norm)."""
+        return head_dim * self.bits / 8 + 2 + (head_dim / 8 + 2) * self.sketch
 
     def alloc(self, B, H, n, D, dtype):
         planes = tuple(mx.zeros((B, H, n, D * w // 32), mx.uint32) for w in PLANES[self.bits])
-        return planes + (mx.zeros((B, H, n, 1), mx.float16),)
+        sketch = (mx.zeros((B, H, n, D // 32), mx.uint32), mx.zeros((B, H, n, 1), mx.float16))
+        return planes + (mx.zeros((B, H, n, 1), mx.float16),) + (sketch if self.sketch else ())
 
     def grow(self, state, extra):
         return tuple(mx.concatenate([a, mx.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype)], axis=2)
@@ -109,7 +123,13 @@ class CodebookCodec:
         for width in PLANES[self.bits]:
             planes.append(_pack((codes >> low) & ((1 << width) - 1), width))
             low += width
-        return (*planes, (norm * fit / np.sqrt(D)).astype(mx.float16))
+        scale = (norm * fit / np.sqrt(D)).astype(mx.float16)
+        if not self.sketch:
+            return (*planes, scale)
+        residual = xr - c * scale.astype(mx.float32)  # what the codes missed (rotated space)
+        signs = (residual @ _sketch_matrix(D, self.seed).T > 0).astype(mx.uint32)
+        rnorm = mx.sqrt(mx.sum(residual * residual, axis=-1, keepdims=True))
+        return (*planes, scale, _pack(signs, 1), rnorm.astype(mx.float16))
 
     def write(self, state, slot, x):
         self.store(state, slot, self.encode(x), x.shape[2])
@@ -122,13 +142,23 @@ class CodebookCodec:
         return tuple(a[..., :n, :] for a in state)
 
     def _parts(self, state, dim):
-        *planes, scale = state
-        return dict(planes=planes, widths=PLANES[self.bits], scale=scale,
+        k = len(PLANES[self.bits])
+        return dict(planes=list(state[:k]), widths=PLANES[self.bits], scale=state[k],
                     levels=_tables(self.bits, dim, self.seed)[0])
 
     def scores(self, q, state):
-        signs = _tables(self.bits, q.shape[-1], self.seed)[2]
-        return codebook_scores(q=rotate(q, signs), **self._parts(state, q.shape[-1]))
+        D = q.shape[-1]
+        qr = rotate(q, _tables(self.bits, D, self.seed)[2])
+        out = codebook_scores(q=qr, **self._parts(state, D))
+        if not self.sketch:
+            return out
+        # + |r| sqrt(pi/2) / D <S q, sign(S r)>: an unbiased estimate of <q, r>
+        words, rnorm = state[-2], state[-1]
+        signs = 2.0 * codes_of([words], (1,)).astype(mx.float32) - 1.0
+        sq = qr.astype(mx.float32) @ _sketch_matrix(D, self.seed).T
+        term = (sq @ signs.swapaxes(-1, -2)) * (rnorm.astype(mx.float32).swapaxes(-1, -2)
+                                                 * (np.sqrt(np.pi / 2) / D))
+        return (out.astype(mx.float32) + term).astype(out.dtype)
 
     def weighted(self, p, state):
         D = state[0].shape[-1] * 32 // PLANES[self.bits][0]

@@ -171,11 +171,13 @@ def encode_pair(key_codec, value_codec, keys: mx.array, values: mx.array) -> tup
 QUANTS = ("affine", "codebook")
 
 
-def make_codec(bits: int | None, group_size: int, axis: str = "token", quant: str = "affine"):
+def make_codec(bits: int | None, group_size: int, axis: str = "token", quant: str = "affine",
+               sketch: bool = False):
     """Full precision without bits; else affine ``bits``-bit groups of ``group_size``, or
-    (``quant="codebook"``, per token) ``CodebookCodec``."""
+    (``quant="codebook"``, per token) ``CodebookCodec`` (``sketch``: with the residual's
+    sign sketch, for keys)."""
     if bits is None:
         return FLOAT
     if quant == "codebook":
-        return CodebookCodec(bits=bits)
+        return CodebookCodec(bits=bits, sketch=sketch)
     return AffineCodec(bits=bits, group=group_size, axis=axis)

@@ -45,6 +45,8 @@ class CacheConfig:
       ``quant``: "affine" (groups with a scale and bias) or "codebook" (each vector
       rotated, its coordinates coded with the optimal codebook of their known
       distribution: 2, 3 or 4 bits plus one float16 scale per vector; ``codebook.py``);
+      ``sketch``: codebook keys also keep a 1-bit sign sketch of their residual (QJL:
+      unbiased scores, +1 bit and a float16 norm per key);
     - ``window``: ``WindowCache`` of ``sinks`` + ``window`` recent tokens, quantized when
       bits are set;
     - ``budget`` (bytes, or a size such as "64MB"): the whole model's KV never takes more.
@@ -73,6 +75,7 @@ class CacheConfig:
     policy: str = "window"
     allocator: str = "uniform"
     quant: str = "affine"
+    sketch: bool = False
 
     def __post_init__(self):
         if self.budget is not None:  # parsed once, here: a size such as "64MB" -> bytes
@@ -116,6 +119,8 @@ class CacheConfig:
                     _hadamard_size(head_dim) and head_dim % 32 == 0):
                 problems.append(f"the codebook needs a head dim of 2^k times 1, 12, 20 or 28 "
                                 f"that is a multiple of 32 (got {head_dim})")
+        if self.sketch and (self.quant != "codebook" or self.key_bits is None):
+            problems.append("sketch applies to codebook keys (quant 'codebook' with key_bits)")
         if self.key_mode not in KEY_MODES:
             problems.append(f"key_mode must be one of {KEY_MODES} (got {self.key_mode!r})")
         if self.key_mode == "channel" and self.key_bits is None:
@@ -189,7 +194,7 @@ class CacheConfig:
             kb = f"{self.key_bits}-bit" if self.key_bits else "fp"
             vb = f"{self.value_bits}-bit" if self.value_bits else "fp"
             if self.quant == "codebook":
-                parts.append(f"K {kb} V {vb} codebook")
+                parts.append(f"K {kb}{' + sketch' if self.sketch else ''} V {vb} codebook")
             else:
                 parts.append(f"K {kb} ({self.key_mode}) V {vb}, group {self.group_size or 'auto'}")
             if self.residual:
@@ -213,7 +218,7 @@ class CacheConfig:
             args = dict(window=window, sinks=self.sinks, key_bits=self.key_bits,
                         value_bits=self.value_bits, group_size=self.group_size,
                         key_mode=self.key_mode, residual=self.residual, rotate=self.rotate,
-                        quant=self.quant,
+                        quant=self.quant, sketch=self.sketch,
                         seed=self.seed + layer, budget=budget)
             if self.policy != "window" and self.allocator == "adaptive":
                 return AdaptiveScoredCache(policy=make_policy(self.policy), **args)
@@ -223,7 +228,7 @@ class CacheConfig:
         if self.quantized:
             return QuantizedCache(key_bits=self.key_bits, value_bits=self.value_bits,
                                   group_size=self.group_size, key_mode=self.key_mode,
-                                  quant=self.quant,
+                                  quant=self.quant, sketch=self.sketch,
                                   residual=self.residual, rotate=self.rotate,
                                   start=self.start, seed=self.seed + layer)
         return FullCache()
@@ -289,7 +294,7 @@ def budget_window(model, config: CacheConfig, per_layer: int, n_layers: int) -> 
     head_dim = model_head_dim(model)
     kv_heads = model_kv_heads(model)
     dtype_size = model_dtype(model).size
-    kc = make_codec(config.key_bits, config.group_size, config.key_mode, config.quant)
+    kc = make_codec(config.key_bits, config.group_size, config.key_mode, config.quant, config.sketch)
     vc = make_codec(config.value_bits, config.group_size, "token", config.quant)
     unit = flush_unit(kc, vc, config.residual)
     full = 2 * kv_heads * head_dim * dtype_size  # one token's K and V at full precision

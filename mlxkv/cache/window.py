@@ -16,9 +16,9 @@ from .layout import Layout
 
 def window_layout(*, window: int, sinks: int = 4, key_bits: int | None = None,
                   value_bits: int | None = None, group_size: int = 64, key_mode: str = "token",
-                  residual: int = 0, quant: str = "affine") -> tuple[Layout, int]:
+                  residual: int = 0, quant: str = "affine", sketch: bool = False) -> tuple[Layout, int]:
     """The layout of a window of ``window`` tokens, and its ring's capacity (whole units)."""
-    layout = Layout(key_codec=make_codec(key_bits, group_size, key_mode, quant),
+    layout = Layout(key_codec=make_codec(key_bits, group_size, key_mode, quant, sketch),
                     value_codec=make_codec(value_bits, group_size, "token", quant),
                     sinks=sinks, residual=residual)
     ring = max(window - residual, layout.unit)
