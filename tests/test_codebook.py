@@ -192,3 +192,50 @@ def test_a_codebook_cache_decodes_alike_on_the_kernels_and_the_reference(metal_s
     assert mx.allclose(outs["metal"], outs["reference"], atol=1e-4).item()
     if metal_sim is not None:
         assert metal_sim.launches["codebook_scores"] > 0 and metal_sim.launches["codebook_weighted"] > 0
+
+
+# ----- centering: keys and values less their per-channel means ------------------------------
+def ref_attention(q, k, v, scale):
+    """Softmax attention of q (B, Hq, L, D) over k, v (B, H, T, D), causal within L, float32."""
+    B, Hq, L, D = q.shape
+    H, T = k.shape[1], k.shape[2]
+    k, v = mx.repeat(k, Hq // H, axis=1), mx.repeat(v, Hq // H, axis=1)
+    s = (q.astype(mx.float32) * scale) @ k.astype(mx.float32).swapaxes(-1, -2)
+    qpos = mx.arange(T - L, T)[:, None]
+    s = mx.where(mx.arange(T)[None] <= qpos, s, -mx.inf)
+    return mx.softmax(s, axis=-1) @ v.astype(mx.float32)
+
+
+@pytest.mark.parametrize("quant", ["codebook", "affine"])
+def test_centering_keeps_attention_exact_in_form_and_cuts_the_error(quant):
+    from mlxkv.cache.quantized import QuantizedCache
+
+    mx.random.seed(3)
+    offset = mx.random.normal((1, 2, 1, 64)) * 4  # channel means, as a model's keys have
+    k = mx.random.normal((1, 2, 300, 64)) + offset
+    v = mx.random.normal((1, 2, 300, 64)) + offset / 2
+    q = mx.random.normal((1, 4, 1, 64))
+    want = ref_attention(q, k, v, 0.125)
+    errors = {}
+    for center in (False, True):
+        c = QuantizedCache(key_bits=2, value_bits=2, group_size=64, quant=quant, center=center)
+        c.update_and_fetch(k[:, :, :299], v[:, :, :299])
+        c.attend(mx.zeros((1, 4, 299, 64)), scale=0.125)  # the prompt chunk
+        c.update_and_fetch(k[:, :, 299:], v[:, :, 299:])
+        errors[center] = mx.abs(c.attend(q, scale=0.125) - want).max().item()
+        dk, dv = c.dequantized()
+        assert rel_mse(dv, v) < (0.2 if center else 1.0)  # the mean is back in the values
+    assert errors[True] < errors[False] / 2
+
+
+def test_centered_caches_save_their_means(tmp_path):
+    model = tiny_model("llama")
+    model.mlxkv_identity = {"name": "tiny-llama"}
+    config = CacheConfig(key_bits=3, value_bits=3, quant="codebook", center=True)
+    cache = make_cache(model, config)
+    model(mx.arange(20, 120)[None], cache=cache)
+    save_cache(tmp_path / "c.safetensors", cache, model=model, config=config, tokens=list(range(100)))
+    loaded = load_cache(tmp_path / "c.safetensors", model)[0]
+    assert mx.array_equal(loaded[0]._centers[0], cache[0]._centers[0])
+    step = mx.array([[9]])
+    assert mx.allclose(model(step, cache=cache), model(step, cache=loaded)).item()
