@@ -110,3 +110,35 @@ def test_eval_cli_writes_json_table_and_plots(smollm, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mlxkv.cli", "eval", "--depths", "50", "x"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "argument --depths: invalid int value: 'x'" in bad.stderr
+
+
+def test_frontier_plot_lines_families_and_keeps_every_point_inside(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlxkv.evaluation.metrics import EvalRow
+    from mlxkv.evaluation.report import family, quality_plot
+
+    assert family("mlx-lm Quantized 4-bit") == "mlx-lm affine"
+    assert family("mlxkv 3-bit codebook") == "mlxkv codebook"
+    assert family("mlxkv 2-bit codebook centered") == "mlxkv codebook centered"
+    assert family("mlxkv 4-bit rotated") == "mlxkv affine rotated"
+    assert family("mlxkv codebook K3 V2") is None and family("mlxkv window 512") is None
+    rows = [EvalRow(config=c, kv_bytes=1, bits_per_element=b, ppl=1.0, ppl_delta_pct=d, kld=0.0, top1=1.0)
+            for c, b, d in (("mlx-lm KVCache", 32.01, 0.0), ("mlxkv 2-bit codebook", 2.26, 10.3),
+                            ("mlx-lm Rotating 512", 47.9, 71.8), ("mlxkv 3-bit codebook", 3.26, -0.2))]
+    seen = {}
+    real_close = plt.close
+    plt.close = lambda fig: seen.setdefault("ax", fig.axes[0])  # keep the axes to look at
+    try:
+        quality_plot(rows, str(tmp_path / "q.png"), plt)
+    finally:
+        plt.close = real_close
+    ax = seen["ax"]
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    for r in rows:  # strictly inside: nothing drawn on (or past) an edge
+        assert x0 < r.bits_per_element < x1 and y0 < r.ppl_delta_pct < y1
+    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(ax.get_lines()) == 1  # one family line (codebook); the others are points

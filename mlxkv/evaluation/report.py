@@ -1,4 +1,4 @@
-"""The eval results as a Markdown table, JSON, and PNG plots (quality against KV bytes,
+"""The eval results as a Markdown table, JSON, and PNG plots (quality against bits,
 passkey heatmaps; plots need matplotlib: ``pip install 'mlxkv[plot]'``)."""
 
 from __future__ import annotations
@@ -27,8 +27,60 @@ def write_json(path: str, rows: list[EvalRow], meta: dict) -> None:
         json.dump(doc, f, indent=1)
 
 
+def family(config: str) -> str | None:
+    """The line a config belongs to on the frontier plot (None: a point of its own):
+    mlx-lm's quantized caches, mlxkv's affine ones, its codebook ones (centered apart)."""
+    if config.startswith("mlx-lm Quantized"):
+        return "mlx-lm affine"
+    words = config.split()
+    if "codebook" in words and len(words) > 2 and words[1].endswith("-bit"):  # same K and V bits
+        return "mlxkv codebook" + (" centered" if "centered" in words else "")
+    if (len(words) in (2, 3) and words[0] == "mlxkv" and words[1].endswith("-bit")
+            and words[2:] in ([], ["rotated"])):
+        return "mlxkv affine" + (" rotated" if "rotated" in words else "")
+    return None
+
+
+def quality_plot(rows: list[EvalRow], path: str, plt) -> str:
+    """Perplexity change against bits per element: one line per family (``family``),
+    other configs as points; axes padded so no point sits on an edge."""
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    lines: dict[str, list[EvalRow]] = {}
+    points = []
+    for r in rows:
+        (lines.setdefault(family(r.config), []) if family(r.config) else points).append(r)
+    for name, members in sorted(lines.items()):
+        members.sort(key=lambda r: r.bits_per_element)
+        ax.plot([r.bits_per_element for r in members], [r.ppl_delta_pct for r in members],
+                marker="o", label=name)
+        for r in members:
+            ax.annotate(r.config.replace("mlxkv ", "").replace("mlx-lm ", ""),
+                        (r.bits_per_element, r.ppl_delta_pct), fontsize=6,
+                        textcoords="offset points", xytext=(4, 4))
+    markers = "sD^v<>Pp*hX"
+    for i, r in enumerate(points):
+        ax.scatter(r.bits_per_element, r.ppl_delta_pct, marker=markers[i % len(markers)],
+                   label=r.config)
+    xs = [r.bits_per_element for r in rows]
+    ys = [r.ppl_delta_pct for r in rows]
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(min(xs) / 1.25, max(xs) * 1.25)
+    ax.set_yscale("symlog", linthresh=1.0)
+    top = max(max(ys), 1.0)
+    ax.set_ylim(min(min(ys), 0.0) - 0.5, top * 1.6 + 1)
+    ax.set_xlabel("bits per element (everything stored; log scale)")
+    ax.set_ylabel("perplexity vs full cache (%, symlog)")
+    ax.set_title("Quality against bits per element")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def plot(rows: list[EvalRow], prefix: str) -> list[str]:
-    """quality vs KV bytes, and a passkey heatmap per config: PNG files (needs matplotlib)."""
+    """The quality frontier (perplexity change against bits per element) and a passkey
+    heatmap per config: PNG files (needs matplotlib)."""
     try:
         import matplotlib
 
@@ -36,22 +88,7 @@ def plot(rows: list[EvalRow], prefix: str) -> list[str]:
         import matplotlib.pyplot as plt
     except ModuleNotFoundError:
         raise InputError("plots need matplotlib: pip install 'mlxkv[plot]'") from None
-    files = []
-    fig, ax = plt.subplots(figsize=(9, 5))
-    markers = "osD^v<>Pp*hX"
-    for i, r in enumerate(rows):
-        ax.scatter(r.kv_bytes / 1e6, r.ppl_delta_pct, marker=markers[i % len(markers)],
-                   label=r.config)
-    ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_xlabel("KV cache (MB, log scale)")
-    ax.set_ylabel("perplexity vs full cache (%, symlog)")
-    ax.set_title("Quality vs KV memory")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-    files.append(f"{prefix}-quality.png")
-    fig.savefig(files[-1], dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    files = [quality_plot(rows, f"{prefix}-quality.png", plt)]
     with_keys = [r for r in rows if r.passkey]
     if with_keys:
         cells = list(with_keys[0].passkey)
