@@ -41,7 +41,4 @@ def cache_factories(model, window: int = 512) -> dict[str, Callable[[], list]]:
         "mlxkv codebook K4 V2": mlxkv(key_bits=4, value_bits=2, quant="codebook"),
         "mlxkv codebook K3 V2": mlxkv(key_bits=3, value_bits=2, quant="codebook"),
         "mlxkv codebook K2+sketch V2": mlxkv(key_bits=2, value_bits=2, quant="codebook", sketch=True),
-        **{f"mlxkv {b}-bit codebook centered": mlxkv(key_bits=b, value_bits=b, quant="codebook",
-                                                     center=True) for b in (3, 2)},
-        "mlxkv 4-bit centered": mlxkv(key_bits=4, value_bits=4, center=True),
     }

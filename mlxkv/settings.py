@@ -59,7 +59,7 @@ def _value(name: str, value: Any) -> Any:
         return _count(name, value)
     if name == "budget":
         return None if _off(value) else parse_bytes(value)
-    if name in ("rotate", "sketch", "center"):
+    if name in ("rotate", "sketch"):
         return _flag(name, value)
     if name in TEXT:
         return str(value).strip().lower()

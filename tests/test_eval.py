@@ -123,7 +123,6 @@ def test_frontier_plot_lines_families_and_keeps_every_point_inside(tmp_path):
 
     assert family("mlx-lm Quantized 4-bit") == "mlx-lm affine"
     assert family("mlxkv 3-bit codebook") == "mlxkv codebook"
-    assert family("mlxkv 2-bit codebook centered") == "mlxkv codebook centered"
     assert family("mlxkv 4-bit rotated") == "mlxkv affine rotated"
     assert family("mlxkv codebook K3 V2") is None and family("mlxkv window 512") is None
     rows = [EvalRow(config=c, kv_bytes=1, bits_per_element=b, ppl=1.0, ppl_delta_pct=d, kld=0.0, top1=1.0)

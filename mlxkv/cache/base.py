@@ -40,17 +40,14 @@ class CompressedCache:
     _COUNTERS = ("flushed", "ring_len", "res_len", "n_sinks", "alloc")  # the layout's
 
     def __init__(self, *, layout: Layout, eviction: Eviction, start: int = 0,
-                 rotate: bool = False, seed: int = 0, budget: int | None = None,
-                 center: bool = False):
+                 rotate: bool = False, seed: int = 0, budget: int | None = None):
         self.layout, self.eviction = layout, eviction
         self.budget = budget  # bytes this layer may take (None: not budgeted)
         self.start = start    # tokens seen before the ring is written
         self.rotate, self.seed = rotate, seed
-        self.center = center  # store keys and values less their per-channel means
         self.offset = 0       # tokens seen
         self._pending = None  # (keys, values, first position) of a chunk awaiting attention
         self._signs = None
-        self._centers = None  # (key mean, value mean), each (B, H, 1, D), from the first chunk
 
     # ----- protocol -----------------------------------------------------------------
     @property
@@ -135,8 +132,6 @@ class CompressedCache:
                 self._signs = hadamard_signs(keys.shape[3], self.seed)
         if self.rotate:
             keys = self._rot(keys)
-        if self.center:
-            keys, values = self._centered(keys, values)
         self._pending = (keys, values, self.offset)
         self.offset += keys.shape[2]
         if keys.shape[2] == 1:
@@ -217,12 +212,12 @@ class CompressedCache:
                 out, mass = attend_fused(q, scale, *fused, sinks=self.layout.n_sinks)
                 if mass is not None:
                     self._observe_mass(mass)
-                return self._uncentered(out)
+                return out
         q = (q * scale).reshape(B, H, rep, L, D)
         segs = self.segments(dense_after=q if L > 1 else None)
         if L == 1:
             out = attend_segments(q.reshape(B, H, rep, D), segs, None, self._observer((0, 1, 1)))
-            return self._uncentered(out.reshape(B, Hq, 1, -1))
+            return out.reshape(B, Hq, 1, -1)
         T = sum(s.length for s in segs)
         step = max(1, self.block_elements // (B * H * rep * T))
         rule = self.eviction.rule(self.layout)
@@ -243,26 +238,7 @@ class CompressedCache:
             # 19 MB a layer for 512 queries over 1k tokens on the default model) would be
             # alive at once, doubling the process for a cache of a few MB.
             mx.eval(out, statistics)
-        return self._uncentered(out.reshape(B, Hq, L, -1))
-
-    def _centered(self, keys, values):
-        """Keys and values less the per-channel means of the first chunk (its first tokens,
-        attention sinks, left out when it is long enough). Keys: every score of a query
-        moves by the same q.mean, which softmax ignores; values: ``attend`` adds the mean
-        back. What is stored is what varies, so a quantizer spends its levels there (a
-        model's keys carry half their energy or more in these means)."""
-        if self._centers is None:
-            skip = 4 if keys.shape[2] > 8 else 0
-            self._centers = (mx.mean(keys[..., skip:, :], axis=2, keepdims=True),
-                             mx.mean(values[..., skip:, :], axis=2, keepdims=True))
-        return keys - self._centers[0], values - self._centers[1]
-
-    def _uncentered(self, out: mx.array) -> mx.array:
-        """The attention output (B, Hq, L, Dv) with the value mean added back."""
-        if not self.center:
-            return out
-        mean = self._centers[1].astype(out.dtype)
-        return out + mx.repeat(mean, out.shape[1] // mean.shape[1], axis=1)
+        return out.reshape(B, Hq, L, -1)
 
     # ----- learning from attention --------------------------------------------------
     def _observer(self, queries: tuple[int, int, int]):
@@ -292,20 +268,16 @@ class CompressedCache:
         self._commit()
         if self.layout.empty:
             return {}
-        centers = {"key_center": self._centers[0], "value_center": self._centers[1]} if self.center else {}
-        return {**self.layout.arrays(), **self.eviction.arrays(self.layout, self.offset), **centers}
+        return {**self.layout.arrays(), **self.eviction.arrays(self.layout, self.offset)}
 
     @state.setter
     def state(self, arrays: dict):
         self._pending = None
         if not arrays:
             self.layout.clear()
-            self._centers = None
             return
         self.layout.set_arrays(arrays)
         self.eviction.set_arrays(arrays)
-        if self.center:
-            self._centers = (arrays["key_center"], arrays["value_center"])
         if self.rotate:
             self._signs = hadamard_signs(self.layout.sink_keys.shape[3], self.seed)
 
@@ -328,7 +300,4 @@ class CompressedCache:
         """(keys, values) of every held token at full precision, in position order
         (for tests and references; attention never builds this)."""
         self._commit()
-        k, v = dense(self.segments())
-        if self.center:
-            k, v = k + self._centers[0], v + self._centers[1]
-        return k, v
+        return dense(self.segments())

@@ -46,10 +46,7 @@ class CacheConfig:
       rotated, its coordinates coded with the optimal codebook of their known
       distribution: 2, 3 or 4 bits plus one float16 scale per vector; ``codebook.py``);
       ``sketch``: codebook keys also keep a 1-bit sign sketch of their residual (QJL:
-      unbiased scores, +1 bit and a float16 norm per key); ``center``: store keys and
-      values less their per-channel means (taken from the first chunk), which quantizers
-      then do not spend levels on (scores move by a constant per query, which softmax
-      ignores; the value mean is added back to the output);
+      unbiased scores, +1 bit and a float16 norm per key);
     - ``window``: ``WindowCache`` of ``sinks`` + ``window`` recent tokens, quantized when
       bits are set;
     - ``budget`` (bytes, or a size such as "64MB"): the whole model's KV never takes more.
@@ -79,7 +76,6 @@ class CacheConfig:
     allocator: str = "uniform"
     quant: str = "affine"
     sketch: bool = False
-    center: bool = False
 
     def __post_init__(self):
         if self.budget is not None:  # parsed once, here: a size such as "64MB" -> bytes
@@ -123,8 +119,6 @@ class CacheConfig:
                     _hadamard_size(head_dim) and head_dim % 32 == 0):
                 problems.append(f"the codebook needs a head dim of 2^k times 1, 12, 20 or 28 "
                                 f"that is a multiple of 32 (got {head_dim})")
-        if self.center and not self.quantized:
-            problems.append("center applies to a quantized cache (set key/value bits)")
         if self.sketch and (self.quant != "codebook" or self.key_bits is None):
             problems.append("sketch applies to codebook keys (quant 'codebook' with key_bits)")
         if self.key_mode not in KEY_MODES:
@@ -207,8 +201,6 @@ class CacheConfig:
                 parts.append(f"residual {self.residual}")
             if self.rotate:
                 parts.append("rotated keys")
-            if self.center:
-                parts.append("centered")
         if self.window is not None:
             parts.append(f"window {self.window} + {self.sinks} sinks")
         if self.budget is not None:
@@ -226,7 +218,7 @@ class CacheConfig:
             args = dict(window=window, sinks=self.sinks, key_bits=self.key_bits,
                         value_bits=self.value_bits, group_size=self.group_size,
                         key_mode=self.key_mode, residual=self.residual, rotate=self.rotate,
-                        quant=self.quant, sketch=self.sketch, center=self.center,
+                        quant=self.quant, sketch=self.sketch,
                         seed=self.seed + layer, budget=budget)
             if self.policy != "window" and self.allocator == "adaptive":
                 return AdaptiveScoredCache(policy=make_policy(self.policy), **args)
@@ -236,7 +228,7 @@ class CacheConfig:
         if self.quantized:
             return QuantizedCache(key_bits=self.key_bits, value_bits=self.value_bits,
                                   group_size=self.group_size, key_mode=self.key_mode,
-                                  quant=self.quant, sketch=self.sketch, center=self.center,
+                                  quant=self.quant, sketch=self.sketch,
                                   residual=self.residual, rotate=self.rotate,
                                   start=self.start, seed=self.seed + layer)
         return FullCache()

@@ -30,8 +30,8 @@ class WindowCache(CompressedCache):
     ``Positional`` here (the oldest go), a policy's scores in ``ScoredCache``."""
 
     def __init__(self, *, rotate: bool = False, seed: int = 0, budget: int | None = None,
-                 center: bool = False, eviction=Positional, **window):
+                 eviction=Positional, **window):
         layout, capacity = window_layout(**window)
         super().__init__(layout=layout, eviction=eviction(capacity), rotate=rotate, seed=seed,
-                         budget=budget, center=center)
+                         budget=budget)
         self.window = window["window"]

@@ -14,7 +14,7 @@ from ..policies import known_policies
 # --kv-* flag -> the word mlxkv.settings reads (a CacheConfig field, or bits/max_kv_size)
 CACHE_FLAGS = ("kv_bits", "kv_key_bits", "kv_value_bits", "kv_group_size", "kv_key_mode",
                "kv_residual", "kv_rotate", "kv_window", "kv_sinks", "kv_start", "kv_budget",
-               "kv_policy", "kv_allocator", "kv_quant", "kv_sketch", "kv_center", "max_kv_size")
+               "kv_policy", "kv_allocator", "kv_quant", "kv_sketch", "max_kv_size")
 
 # What `mlxkv chat` uses when no budget, window or bits are given: the conversation goes
 # on forever inside a fixed amount of memory.
@@ -50,9 +50,6 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-sketch", action="store_true", default=None,
                    help="codebook keys also keep a 1-bit sign sketch of their residual "
                         "(unbiased scores, +1 bit per element)")
-    g.add_argument("--kv-center", action="store_true", default=None,
-                   help="store keys and values less their per-channel means (from the first "
-                        "chunk): the quantizer's levels go to what varies")
     g.add_argument("--kv-key-mode", choices=KEY_MODES, default=None,
                    help="group keys per token or per channel (KIVI)")
     g.add_argument("--kv-residual", type=int, default=None,

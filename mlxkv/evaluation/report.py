@@ -29,12 +29,12 @@ def write_json(path: str, rows: list[EvalRow], meta: dict) -> None:
 
 def family(config: str) -> str | None:
     """The line a config belongs to on the frontier plot (None: a point of its own):
-    mlx-lm's quantized caches, mlxkv's affine ones, its codebook ones (centered apart)."""
+    mlx-lm's quantized caches, mlxkv's affine ones, its codebook ones."""
     if config.startswith("mlx-lm Quantized"):
         return "mlx-lm affine"
     words = config.split()
     if "codebook" in words and len(words) > 2 and words[1].endswith("-bit"):  # same K and V bits
-        return "mlxkv codebook" + (" centered" if "centered" in words else "")
+        return "mlxkv codebook"
     if (len(words) in (2, 3) and words[0] == "mlxkv" and words[1].endswith("-bit")
             and words[2:] in ([], ["rotated"])):
         return "mlxkv affine" + (" rotated" if "rotated" in words else "")
