@@ -29,41 +29,35 @@ def codes(planes, widths) -> mx.array:
     return out
 
 
-def _args(planes, widths, scale, levels, D):
-    B, H, n = scale.shape[:3]
-    p1 = planes[1] if len(planes) > 1 else mx.zeros((8,), mx.uint32)
-    table = mx.concatenate([levels.astype(mx.float32), mx.zeros((LEVELS - levels.size,), mx.float32)])
+def _launch(name: str, x: mx.array, x_name: str, out_name: str, planes, widths, scale, levels,
+            *, cols: int):
+    """Launch one of the two kernels on ``x`` (B, H, M, ...): (B, H, M, cols) in x's dtype."""
+    B, H, M = x.shape[:3]
+    n = scale.shape[2]
+    D = planes[0].shape[-1] * 32 // widths[0]
     w1 = widths[1] if len(widths) > 1 else 0
-    return (planes[0].reshape(B * H, n, -1), p1.reshape(B * H, n, -1) if w1 else p1,
-            scale.reshape(B * H, n), table), w1
+    p1 = planes[1].reshape(B * H, n, -1) if w1 else mx.zeros((8,), mx.uint32)
+    table = mx.concatenate([levels.astype(mx.float32), mx.zeros((LEVELS - levels.size,), mx.float32)])
+    outs = _metal.launch(
+        name, [x_name, "plane0", "plane1", "scale", "levels", "dims"], [out_name],
+        inputs=[x.reshape(B * H, M, -1), planes[0].reshape(B * H, n, -1), p1,
+                scale.reshape(B * H, n), table, mx.array([B * H, M, n], mx.int32)],
+        template=[("T", x.dtype), ("D", D), ("W0", widths[0]), ("W1", w1)],
+        grid=(cols, B * H * M, 1), threadgroup=(min(cols, 256), 1, 1),
+        output_shapes=[(B, H, M, cols)], output_dtypes=[x.dtype])
+    return None if outs is None else outs[0]
 
 
 def codebook_scores_metal(*, q, planes, widths, scale, levels):
     """q (B, H, M, D) rotated -> scores (B, H, M, n) in q's dtype (None if it failed)."""
-    B, H, M, D = q.shape
-    n = scale.shape[2]
-    (p0, p1, s, table), w1 = _args(planes, widths, scale, levels, D)
-    outs = _metal.launch(
-        "codebook_scores", ["q", "plane0", "plane1", "scale", "levels", "dims"], ["scores"],
-        inputs=[q.reshape(B * H, M, D), p0, p1, s, table, mx.array([B * H, M, n], mx.int32)],
-        template=[("T", q.dtype), ("D", D), ("W0", widths[0]), ("W1", w1)],
-        grid=(n, B * H * M, 1), threadgroup=(min(n, 256), 1, 1),
-        output_shapes=[(B, H, M, n)], output_dtypes=[q.dtype])
-    return None if outs is None else outs[0]
+    return _launch("codebook_scores", q, "q", "scores", planes, widths, scale, levels,
+                   cols=scale.shape[2])
 
 
 def codebook_weighted_metal(*, p, planes, widths, scale, levels):
     """p (B, H, M, n) -> p @ values (B, H, M, D), rotated, in p's dtype (None if it failed)."""
-    B, H, M, n = p.shape
-    D = planes[0].shape[-1] * 32 // widths[0]
-    (p0, p1, s, table), w1 = _args(planes, widths, scale, levels, D)
-    outs = _metal.launch(
-        "codebook_weighted", ["p", "plane0", "plane1", "scale", "levels", "dims"], ["out"],
-        inputs=[p.reshape(B * H, M, n), p0, p1, s, table, mx.array([B * H, M, n], mx.int32)],
-        template=[("T", p.dtype), ("D", D), ("W0", widths[0]), ("W1", w1)],
-        grid=(D, B * H * M, 1), threadgroup=(min(D, 256), 1, 1),
-        output_shapes=[(B, H, M, D)], output_dtypes=[p.dtype])
-    return None if outs is None else outs[0]
+    return _launch("codebook_weighted", p, "p", "out", planes, widths, scale, levels,
+                   cols=planes[0].shape[-1] * 32 // widths[0])
 
 
 def vectors_reference(*, planes, widths, scale, levels, dtype) -> mx.array:
@@ -87,19 +81,22 @@ def _supported(x, planes, scale) -> bool:
             and all(a.dtype == mx.uint32 for a in planes))
 
 
-def codebook_scores(*, q, planes, widths, scale, levels):
-    """Rotated queries (B, H, M, D) times the coded keys: (B, H, M, n)."""
-    if _metal.use_metal(_supported(q, planes, scale)):
-        out = codebook_scores_metal(q=q, planes=planes, widths=widths, scale=scale, levels=levels)
+def _dispatch(metal, reference, **args):
+    x = args.get("q", args.get("p"))
+    if _metal.use_metal(_supported(x, args["planes"], args["scale"])):
+        out = metal(**args)
         if out is not None:
             return out
-    return codebook_scores_reference(q=q, planes=planes, widths=widths, scale=scale, levels=levels)
+    return reference(**args)
+
+
+def codebook_scores(*, q, planes, widths, scale, levels):
+    """Rotated queries (B, H, M, D) times the coded keys: (B, H, M, n)."""
+    return _dispatch(codebook_scores_metal, codebook_scores_reference, q=q, planes=planes,
+                     widths=widths, scale=scale, levels=levels)
 
 
 def codebook_weighted(*, p, planes, widths, scale, levels):
     """Probabilities (B, H, M, n) times the coded values: (B, H, M, D), rotated."""
-    if _metal.use_metal(_supported(p, planes, scale)):
-        out = codebook_weighted_metal(p=p, planes=planes, widths=widths, scale=scale, levels=levels)
-        if out is not None:
-            return out
-    return codebook_weighted_reference(p=p, planes=planes, widths=widths, scale=scale, levels=levels)
+    return _dispatch(codebook_weighted_metal, codebook_weighted_reference, p=p, planes=planes,
+                     widths=widths, scale=scale, levels=levels)
