@@ -192,3 +192,17 @@ def test_a_codebook_cache_decodes_alike_on_the_kernels_and_the_reference(metal_s
     assert mx.allclose(outs["metal"], outs["reference"], atol=1e-4).item()
     if metal_sim is not None:
         assert metal_sim.launches["codebook_scores"] > 0 and metal_sim.launches["codebook_weighted"] > 0
+
+
+def test_prompt_chunks_score_sketched_keys_with_their_sketch():
+    """A chunk of queries reads the ring dequantized, except keys whose scores are more
+    than their decode (the sketch): those are scored from their storage, as in decoding."""
+    from mlxkv.cache.quantized import QuantizedCache
+
+    for sketch in (False, True):
+        c = QuantizedCache(key_bits=2, value_bits=2, group_size=64, quant="codebook", sketch=sketch)
+        c.update_and_fetch(*(keys_like((1, 2, 40, 64)),) * 2)
+        c.attend(mx.zeros((1, 2, 40, 64)), scale=0.125)
+        c.update_and_fetch(*(keys_like((1, 2, 3, 64), seed=1),) * 2)
+        ring = c.segments(dense_after=mx.zeros((1,)))[0]
+        assert (ring.key_codec == c.layout.kc) == sketch and ring.value_codec.bits is None

@@ -178,8 +178,9 @@ class CompressedCache:
         if ring is not None and dense_after is not None:
             ks = tuple(mx.depends(list(ring.keys), [dense_after]))
             vs = tuple(mx.depends(list(ring.values), [dense_after]))
-            ring = ring._replace(key_codec=FLOAT, keys=(lay.kc.decode(ks),),
-                                 value_codec=FLOAT, values=(lay.vc.decode(vs),))
+            ring = ring._replace(value_codec=FLOAT, values=(lay.vc.decode(vs),))
+            if lay.kc.decodes_exactly:  # else its scores are more than its decode's
+                ring = ring._replace(key_codec=FLOAT, keys=(lay.kc.decode(ks),))
         if ring is not None:
             segs.append(ring)
         if lay.res_len:

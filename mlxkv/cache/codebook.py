@@ -94,6 +94,12 @@ class CodebookCodec:
     def parts(self) -> int:
         return len(PLANES[self.bits]) + 1 + 2 * self.sketch
 
+    @property
+    def decodes_exactly(self) -> bool:
+        """Whether its scores are those of its decoded keys: not with the sketch, which
+        estimates inner products without reconstructing the keys."""
+        return not self.sketch
+
     def bytes_per_token(self, head_dim: int, dtype_size: int) -> float:
         """Bytes one token of one kv head takes: its codes and its float16 scale (and the
         sketch's sign bits and float16 norm)."""

@@ -40,6 +40,7 @@ class FloatCodec:
     block = 1
     parts = 1  # arrays in the storage of a run of slots
     fusable = False  # the fused decode kernel reads it (as its ring)
+    decodes_exactly = True  # its scores are those of its decoded keys
 
     def bytes_per_token(self, head_dim: int, dtype_size: int) -> float:
         """Bytes one token of one kv head takes."""
@@ -83,6 +84,7 @@ class AffineCodec:
     axis: str = "token"  # "token" or "channel"
     parts = 3  # packed values, scales, biases
     fusable = True
+    decodes_exactly = True
 
     @property
     def block(self) -> int:
