@@ -45,6 +45,7 @@ def client(service, **kw):
 
 def curl(service, path, body=None, *, method=None, headers=()):
     """(status, parsed JSON) of a request made with curl."""
+    assert CURL, "the server tests call curl as a client: install it (apt-get install curl)"
     cmd = [CURL, "-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "60"]
     if method:
         cmd += ["-X", method]
