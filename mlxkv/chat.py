@@ -42,7 +42,6 @@ class ChatSession:
         self.cache = make_cache(self.model, self.cache_config)
         self.cached_tokens: list[int] = []
         self.last_reply_start = 0  # where the last reply's tokens begin in cached_tokens
-        self.turn_start = 0        # how many cached tokens the last turn found in the cache
         self.last_fed = 0           # tokens the last turn fed to the model
         if not keep_messages:
             self.messages = []
@@ -135,7 +134,6 @@ class ChatSession:
                 if messages is not None:
                     self.messages = messages + [{"role": "assistant", "content": "".join(reply)}]
                 fed = self.cache[0].offset - start_offset
-                self.turn_start = len(held)
                 self.last_reply_start = len(held) + len(feed)
                 self.cached_tokens = (held + feed + generated)[: len(held) + fed]
 
@@ -177,7 +175,7 @@ class ChatSession:
                    config=self.cache_config,
                    tokens=self.cached_tokens,
                    extra={"conversation": _digest(self.messages),
-                          "reply_start": self.last_reply_start, "turn_start": self.turn_start})
+                          "reply_start": self.last_reply_start})
         return path
 
     @staticmethod
@@ -211,7 +209,6 @@ class ChatSession:
             session.cache, session.cached_tokens, session.messages = cache, tokens, messages
             # where the last reply begins (files before 0.2: after the last token)
             session.last_reply_start = int(loaded[3].get("reply_start", len(tokens)))
-            session.turn_start = int(loaded[3].get("turn_start", len(tokens)))
             return session
 
         path = Path(path)
