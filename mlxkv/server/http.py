@@ -121,19 +121,14 @@ class Server:
         job = Job(req, emit=emit)
         self.worker.submit(job)
         try:
-            first = await self.next_item(items, request)
-        except (ClientGone, asyncio.CancelledError) as e:
-            job.cancelled.set()
-            if isinstance(e, ClientGone):
-                return Response(status_code=499)  # nobody reads it
-            raise
-        if first["type"] == "error":
-            return error_response(first["error"])
-        if req.stream:
-            return StreamingResponse(self.stream(req, job, items, first), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, item, finish = [], first, "length"
-        try:
+            item = await self.next_item(items, request)
+            if item["type"] == "error":
+                return error_response(item["error"])
+            if req.stream:  # from here the stream's generator owns the job
+                return StreamingResponse(self.stream(req, job, items, item),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            text, finish = [], "length"
             while item["type"] == "delta":
                 text.append(item["text"])
                 finish = item["finish"] or "length"
@@ -141,7 +136,7 @@ class Server:
         except (ClientGone, asyncio.CancelledError) as e:
             job.cancelled.set()
             if isinstance(e, ClientGone):
-                return Response(status_code=499)
+                return Response(status_code=499)  # nobody reads it
             raise
         if item["type"] == "error":
             return error_response(item["error"])

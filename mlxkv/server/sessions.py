@@ -28,7 +28,7 @@ import mlx.core as mx
 from mlx_lm.utils import common_prefix_len
 
 from ..budget import format_bytes
-from ..cache.config import CacheConfig, make_cache
+from ..cache.config import CacheConfig
 from ..cache.layout import STEP
 from ..cache.route import model_dtype, model_group, model_head_dim, model_kv_heads
 from ..chat import ChatSession, kv_path
@@ -91,7 +91,7 @@ class SessionStore:
         self.log = log or (lambda text: print(f"mlxkv serve: {text}", file=sys.stderr, flush=True))
         self.entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
-        self.layers = len(make_cache(model, CacheConfig()))
+        self.layers = len(model.layers)
         self.token_bytes = 2 * model_kv_heads(model) * model_head_dim(model) * model_dtype(model).size
         self.context = context_length(model)
         self.group = model_group(model)
