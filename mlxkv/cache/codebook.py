@@ -147,15 +147,19 @@ class CodebookCodec:
     def slots(self, state, n):
         return tuple(a[..., :n, :] for a in state)
 
-    def _parts(self, state, dim):
+    def _dim(self, state) -> int:
+        """The head dim of a storage (from its first bit plane)."""
+        return state[0].shape[-1] * 32 // PLANES[self.bits][0]
+
+    def _parts(self, state):
         k = len(PLANES[self.bits])
         return dict(planes=list(state[:k]), widths=PLANES[self.bits], scale=state[k],
-                    levels=_tables(self.bits, dim, self.seed)[0])
+                    levels=_tables(self.bits, self._dim(state), self.seed)[0])
 
     def scores(self, q, state):
         D = q.shape[-1]
         qr = rotate(q, _tables(self.bits, D, self.seed)[2])
-        out = codebook_scores(q=qr, **self._parts(state, D))
+        out = codebook_scores(q=qr, **self._parts(state))
         if not self.sketch:
             return out
         # + |r| sqrt(pi/2) / D <S q, sign(S r)>: an unbiased estimate of <q, r>
@@ -167,11 +171,9 @@ class CodebookCodec:
         return (out.astype(mx.float32) + term).astype(out.dtype)
 
     def weighted(self, p, state):
-        D = state[0].shape[-1] * 32 // PLANES[self.bits][0]
-        out = codebook_weighted(p=p, **self._parts(state, D))
-        return unrotate(out, _tables(self.bits, D, self.seed)[2])
+        out = codebook_weighted(p=p, **self._parts(state))
+        return unrotate(out, _tables(self.bits, self._dim(state), self.seed)[2])
 
     def decode(self, state):
-        D = state[0].shape[-1] * 32 // PLANES[self.bits][0]
-        v = vectors_reference(**self._parts(state, D), dtype=mx.float32)
-        return unrotate(v, _tables(self.bits, D, self.seed)[2])
+        v = vectors_reference(**self._parts(state), dtype=mx.float32)
+        return unrotate(v, _tables(self.bits, self._dim(state), self.seed)[2])
