@@ -52,23 +52,27 @@ def free_ports(n: int) -> int:
     raise RuntimeError("no free ports")
 
 
+def launch_cmd(n: int, *command, env: tuple[str, ...] = ()) -> list[str]:
+    """mlx.launch running ``python command`` as ``n`` ranks (ring backend, loopback), with
+    one BLAS thread each and ``env`` ("NAME=value") set on every rank."""
+    cmd = [str(LAUNCH), "-n", str(n), "--backend", "ring", "-p", str(free_ports(n))]
+    for e in ("OPENBLAS_NUM_THREADS=1", *env):
+        cmd += ["--env", e]
+    return cmd + ["--", sys.executable, *command]
+
+
 def launch(n: int, *command, timeout: float = 300, stdin: str | None = None):
-    """Run ``command`` as ``n`` ranks with mlx.launch (ring backend, loopback)."""
-    cmd = [str(LAUNCH), "-n", str(n), "--backend", "ring", "-p", str(free_ports(n)),
-           "--env", "OPENBLAS_NUM_THREADS=1", "--", sys.executable, *command]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=stdin, env=ENV)
+    """Run ``command`` as ``n`` ranks with mlx.launch."""
+    return subprocess.run(launch_cmd(n, *command), capture_output=True, text=True,
+                          timeout=timeout, input=stdin, env=ENV)
 
 
 def script(model: str, mode: str, budget: int, *extra, ranks: int = 1, tokens: int = 16) -> dict:
     args = [str(SCRIPT), model, mode, str(budget), *extra]
     env = {**ENV, "TP_TOKENS": str(tokens)}
-    if ranks == 1:
-        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env)
-    else:
-        cmd = [str(LAUNCH), "-n", str(ranks), "--backend", "ring", "-p", str(free_ports(ranks)),
-               "--env", "OPENBLAS_NUM_THREADS=1", "--env", f"TP_TOKENS={tokens}", "--",
-               sys.executable, *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    cmd = ([sys.executable, *args] if ranks == 1
+           else launch_cmd(ranks, *args, env=(f"TP_TOKENS={tokens}",)))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -190,17 +194,16 @@ def test_a_process_started_as_a_rank_without_its_group_says_so(tiny_tp):
     assert "could not be formed" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_serve_on_two_ranks(tiny_tp):
+def test_serve_on_two_ranks(tiny_tp, tmp_path):
     """Rank 0 serves HTTP, rank 1 follows each request; /v1/kv shows each rank's part."""
     import urllib.request
 
     port = free_ports(1)
-    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(free_ports(2)), "--env",
-           "OPENBLAS_NUM_THREADS=1", "--", sys.executable, "-m", "mlxkv.cli", "serve", "--model",
-           tiny_tp, "--port", str(port), "--kv-bits", "4", "--kv-budget", "200KB"]
+    cmd = launch_cmd(2, "-m", "mlxkv.cli", "serve", "--model", tiny_tp, "--port", str(port),
+                     "--kv-bits", "4", "--kv-budget", "200KB")
     # its own session: the launcher and its ranks stop together, as Ctrl-C stops them
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "TMPDIR": str(tmp_path)}, start_new_session=True)
     try:
         line = proc.stdout.readline()
         assert f"127.0.0.1:{port}" in line, line
@@ -221,7 +224,11 @@ def test_serve_on_two_ranks(tiny_tp):
         assert sum(view["rank_bytes"]) == view["total_bytes"]
         assert all(len(row["ranks"]) == 2 for row in view["sessions"])
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: every rank stops and cleans up
         proc.wait(timeout=60)
-        time.sleep(1)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and subprocess.run(
+                ["pgrep", "-g", str(proc.pid)], capture_output=True).returncode == 0:
+            time.sleep(0.2)
         subprocess.run(["pkill", "-KILL", "-g", str(proc.pid)], capture_output=True)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("mlxkv-serve-")]

@@ -121,11 +121,13 @@ class Service:
             self.store.close()
             return
         self.server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
-        self.worker.stop()
-        self.store.close()
-        self.sock.close()
+        try:
+            if self._thread is not None:
+                self._thread.join(10)
+            self.worker.stop()  # in a group it tells the others, which may be gone already
+        finally:
+            self.store.close()
+            self.sock.close()
 
     def __enter__(self) -> "Service":
         return self
