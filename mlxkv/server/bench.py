@@ -16,6 +16,7 @@ from ..errors import InputError
 from ..generation import chat_tokens
 from ..texts import load_text
 from . import Service
+from .sessions import SessionStore
 
 QUESTIONS = ["Who speaks first?", "Name one place in the text.", "What happens next?",
              "Who is the most important person here?", "Say it in one word.",
@@ -72,16 +73,19 @@ def restore_bench(model, tokenizer, *, name: str, config, tokens: int = 4096,
     messages as a new conversation (the whole history prefilled)."""
     if repeats < 1 or tokens < 64:
         raise InputError("--serve-tokens must be >= 64 and --serve-repeats >= 1")
-    probe = Service(model, tokenizer, name=name, config=config, total=10**12)
-    config = probe.store.config
-    need = probe.store.reserve_bytes(config, tokens + (repeats + 1) * 64)
+    probe = SessionStore(model, tokenizer, config=config, total=10**12)  # sizes only
+    config = probe.config
+    need = probe.reserve_bytes(config, tokens + (repeats + 1) * 64)
     probe.close()
-    total = need + need // 2  # one long conversation fits, not two
+    total = 2 * need  # until the long conversation's size is known
     with Service(model, tokenizer, name=name, config=config, total=total).start() as server:
         chat = conversation(tokenizer, tokens)
         seconds, reply, use = stream_turn(server.url, {"messages": chat, "max_tokens": reply_tokens,
                                                        "temperature": 0, "session_id": "long"})
         prompt_tokens = use["prompt_tokens"]
+        # room for one turn's reserve beside half of what the long conversation holds: any
+        # other conversation's turn sends it to disk (however small it is against its budget)
+        total = server.store.total = need + server.store.view()["total_bytes"] // 2
         filler = conversation(tokenizer, tokens, "macbeth")
         restored, prefilled, cached = [], [], []
         for r in range(repeats):
