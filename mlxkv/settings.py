@@ -6,7 +6,7 @@ Words are ``CacheConfig`` field names, with or without a ``kv_`` prefix, plus ``
 (keys and values) and ``max_kv_size`` (mlx-lm's name: sinks + window). Values may be
 typed or text: "off"/"none" turn bits, a window or a budget off; sizes take units
 ("64MB"). Changing one of budget/window drops the other; turning bits off drops what
-only applies to quantized caches (per-channel keys, residual, rotation).
+only applies to quantized caches (per-channel keys, residual, middle, rotation).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .errors import InputError
 OFF = ("off", "none")
 NULLABLE = ("key_bits", "value_bits", "group_size", "window", "budget")
 COUNTS = ("key_bits", "value_bits", "group_size", "residual", "window", "sinks", "start",
-          "seed", "max_kv_size")
+          "seed", "max_kv_size", "middle", "middle_bits")
 TEXT = ("key_mode", "policy", "allocator", "quant")
 FIELDS = tuple(f.name for f in fields(CacheConfig))
 
@@ -98,6 +98,7 @@ def apply(config: CacheConfig, words: Mapping[str, Any]) -> CacheConfig:
     if ("key_bits" in changes or "value_bits" in changes) and all(
             changes.get(b, getattr(config, b)) is None for b in ("key_bits", "value_bits")):
         changes.setdefault("residual", 0)
+        changes.setdefault("middle", 0)
     return config.replace(**changes)
 
 

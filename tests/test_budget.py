@@ -39,6 +39,8 @@ def _stream(model, cache, tokens, chunk, check):
     (CacheConfig(budget="8MB", key_bits=4, value_bits=4, group_size=32, key_mode="channel",
                  residual=64), 4096),
     (CacheConfig(budget="2MB", key_bits=2, value_bits=2, group_size=32), 1024),
+    (CacheConfig(budget="4MB", key_bits=2, value_bits=2, quant="codebook", middle=128,
+                 policy="snapkv"), 1024),
     pytest.param(CacheConfig(budget="16MB", key_bits=4, value_bits=4, group_size=32), 20480,
                  marks=pytest.mark.slow),
 ])
@@ -97,6 +99,7 @@ def test_bounded_caches_go_past_the_context_length(smollm):
     CacheConfig(),
     CacheConfig(key_bits=4, value_bits=4, group_size=32, key_mode="channel", residual=32, rotate=True),
     CacheConfig(budget="2MB", key_bits=4, value_bits=4, group_size=32),
+    CacheConfig(key_bits=2, value_bits=2, quant="codebook", middle=32, residual=16),
 ])
 def test_save_load_round_trip_gives_identical_logits(smollm, tmp_path, config):
     model, tok = smollm

@@ -1,14 +1,15 @@
 """``CompressedCache``: a layer's KV cache composed of three parts.
 
-- a ``Layout`` (``layout.py``): sinks, a ring of codec slots and a full-precision
-  residual of recent tokens, with named arrays;
+- a ``Layout`` (``layout.py``): sinks, a ring of codec slots, an optional middle of
+  more bits (bits by token age) and a full-precision residual of recent tokens, with
+  named arrays;
 - an eviction strategy (``eviction.py``, ``scored.py``, ``adaptive.py``): which ring slots
   flushed tokens take and what is evicted to make room;
 - attention over the cache's ``Segment``s (``segments.py``), or the fused Metal kernel for
   a decode step (``fused.py``, whose ``fused_inputs`` is the one place that decides).
 
 The cache itself does the bookkeeping between them: new tokens go to the sinks, then the
-residual; whole flush units leave the residual for the ring. A chunk of L > 1 new tokens
+residual; whole flush units leave the residual for the middle and the ring. A chunk of L > 1 new tokens
 (chunked prefill) stays pending until its attention is done, and each query sees what it
 would have seen had the tokens come one at a time (a positional ring's ``rule``), so
 memory stays bounded by the cache plus one chunk. Keys may be rotated by a randomized
@@ -32,12 +33,23 @@ from .rotation import hadamard_signs, rotate
 from .segments import Segment, attend_segments, dense, visibility
 
 
+def _decoded(seg: Segment, after: mx.array) -> Segment:
+    """``seg`` with its storage decoded to full precision, once ``after`` is computed
+    (keys stay coded when their scores are more than their decode's, e.g. a sketch)."""
+    ks = tuple(mx.depends(list(seg.keys), [after]))
+    vs = tuple(mx.depends(list(seg.values), [after]))
+    seg = seg._replace(value_codec=FLOAT, values=(seg.value_codec.decode(vs),))
+    if seg.key_codec.decodes_exactly:
+        seg = seg._replace(key_codec=FLOAT, keys=(seg.key_codec.decode(ks),))
+    return seg
+
+
 class CompressedCache:
     """A ``Layout`` + an ``Eviction`` strategy; see the module docstring."""
 
     # Score-matrix elements one block of a multi-token chunk may materialize (16 MB fp32).
     block_elements = 1 << 22
-    _COUNTERS = ("flushed", "ring_len", "res_len", "n_sinks", "alloc")  # the layout's
+    _COUNTERS = ("flushed", "ring_len", "res_len", "n_sinks", "alloc", "mid_len")  # the layout's
 
     def __init__(self, *, layout: Layout, eviction: Eviction, start: int = 0,
                  rotate: bool = False, seed: int = 0, budget: int | None = None):
@@ -60,7 +72,7 @@ class CompressedCache:
     def size(self) -> int:
         """Tokens held per kv head."""
         lay = self.layout
-        return lay.n_sinks + self.eviction.tokens_per_head(lay) + lay.res_len
+        return lay.n_sinks + self.eviction.tokens_per_head(lay) + lay.mid_len + lay.res_len
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
         # ``attend`` builds its own mask from token positions.
@@ -70,13 +82,17 @@ class CompressedCache:
         return not self.bounded
 
     def trim(self, n: int) -> int:
-        """Drop the newest n tokens (unbounded caches; from the residual, then the ring
-        where the key layout is per token). Returns how many were dropped."""
+        """Drop the newest n tokens (unbounded caches; from the residual, the middle, then
+        the ring where the key layout is per token). Returns how many were dropped."""
         self._commit()
         lay = self.layout
         n = min(n, self.offset)
         take = min(n, lay.res_len)
         lay.res_len -= take
+        if n > take and not self.bounded:
+            mid_take = min(n - take, lay.mid_len)
+            lay.mid_len -= mid_take
+            take += mid_take
         rest = n - take
         if rest and lay.kc.block == 1 and lay.vc.block == 1 and not self.bounded:
             ring_take = min(rest, lay.ring_len)
@@ -95,7 +111,7 @@ class CompressedCache:
         held_full = lay.n_sinks + lay.res_len
         ring_bits = lay.kc.bits or lay.vc.bits
         ring = self.eviction.tokens_per_head(lay)
-        kept = held_full + ring
+        kept = held_full + ring + lay.mid_len
         if lay.empty:
             return LayerStats(seen=self.offset, kept_full=0, kept_quantized={},
                               evicted=self.offset, nbytes=0, fp16_nbytes=0, used_nbytes=0,
@@ -104,11 +120,16 @@ class CompressedCache:
         head = B * H * (Dk + lay.sink_values.shape[3])
         dtype = lay.sink_keys.dtype
         # the ring's arrays (and per-slot metadata) in use, in proportion to its filled slots
-        ring_used = (self.nbytes - lay.full_nbytes) * lay.ring_len // max(lay.alloc, 1)
+        ring_bytes = self.nbytes - lay.full_nbytes - lay.middle_nbytes
+        ring_used = ring_bytes * lay.ring_len // max(lay.alloc, 1) + lay.middle_nbytes
+        quantized = {}
+        for bits, n in ((ring_bits, ring), (lay.mkc and (lay.mkc.bits or lay.mvc.bits), lay.mid_len)):
+            if bits and n:
+                quantized[bits] = quantized.get(bits, 0) + n
         return LayerStats(
             seen=self.offset,
             kept_full=held_full + (0 if ring_bits else ring),
-            kept_quantized={ring_bits: ring} if ring_bits and ring else {},
+            kept_quantized=quantized,
             evicted=self.offset - kept,
             nbytes=self.nbytes,
             fp16_nbytes=2 * head * kept,
@@ -158,16 +179,18 @@ class CompressedCache:
         if self.offset >= self.start:
             n_flush = max(0, (k.shape[2] - lay.residual) // lay.unit * lay.unit)
         if n_flush:
-            self.eviction.write(lay, k[..., :n_flush, :], v[..., :n_flush, :])
+            k_ring, v_ring = lay.pass_middle(k[..., :n_flush, :], v[..., :n_flush, :])
+            if k_ring.shape[2]:
+                self.eviction.write(lay, k_ring, v_ring)
         lay.store_residual(k[..., n_flush:, :], v[..., n_flush:, :])
 
     # ----- attention --------------------------------------------------------------
     def segments(self, dense_after: mx.array | None = None) -> list[Segment]:
-        """The held tokens as segments: sinks, ring, residual, and a pending chunk.
+        """The held tokens as segments: sinks, ring, middle, residual, and a pending chunk.
 
-        With ``dense_after`` the ring comes dequantized (for a chunk of queries), computed
-        only once that array is: so each layer's transient copy exists while that layer
-        runs, not all layers' copies at once when a whole forward pass is evaluated."""
+        With ``dense_after`` the ring and middle come dequantized (for a chunk of queries),
+        computed only once that array is: so each layer's transient copy exists while that
+        layer runs, not all layers' copies at once when a whole forward pass is evaluated."""
         lay = self.layout
         segs = []
         if lay.n_sinks:
@@ -175,17 +198,18 @@ class CompressedCache:
             segs.append(Segment(FLOAT, (lay.sink_keys[..., :n, :],), FLOAT,
                                 (lay.sink_values[..., :n, :],), n, mx.arange(n)))
         ring = self.eviction.ring_segment(lay)
-        if ring is not None and dense_after is not None:
-            ks = tuple(mx.depends(list(ring.keys), [dense_after]))
-            vs = tuple(mx.depends(list(ring.values), [dense_after]))
-            ring = ring._replace(value_codec=FLOAT, values=(lay.vc.decode(vs),))
-            if lay.kc.decodes_exactly:  # else its scores are more than its decode's
-                ring = ring._replace(key_codec=FLOAT, keys=(lay.kc.decode(ks),))
-        if ring is not None:
-            segs.append(ring)
+        if lay.mid_len:
+            mk, mv = lay.middle_slots()
+            middle = Segment(lay.mkc, mk, lay.mvc, mv, lay.mid_len,
+                             lay.sinks + lay.flushed + mx.arange(lay.mid_len))
+        else:
+            middle = None
+        for seg in (ring, middle):
+            if seg is not None:
+                segs.append(seg if dense_after is None else _decoded(seg, dense_after))
         if lay.res_len:
             rk, rv = lay.held_residual()
-            first = lay.sinks + lay.flushed
+            first = lay.sinks + lay.flushed + lay.mid_len
             segs.append(Segment(FLOAT, (rk,), FLOAT, (rv,), lay.res_len,
                                 first + mx.arange(lay.res_len)))
         if self._pending is not None:

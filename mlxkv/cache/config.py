@@ -11,9 +11,9 @@ from ..budget import format_bytes, parse_bytes, token_bytes
 from ..errors import InputError
 from ..kernels import kernel_mode
 from ..policies import known_policies, make_policy
-from .layout import flush_unit
+from .layout import make_layout
 from .codebook import CODEBOOK_BITS
-from .codec import BITS, GROUP_SIZES, QUANTS, default_group, make_codec
+from .codec import BITS, GROUP_SIZES, QUANTS, default_group
 from .full import FullCache
 from .fused import preflight
 from .quantized import QuantizedCache
@@ -47,6 +47,10 @@ class CacheConfig:
       distribution: 2, 3 or 4 bits plus one float16 scale per vector; ``codebook.py``);
       ``sketch``: codebook keys also keep a 1-bit sign sketch of their residual (QJL:
       unbiased scores, +1 bit and a float16 norm per key);
+      ``middle``: bits by token age: the ``middle`` tokens before the residual are kept at
+      ``middle_bits`` (default 4, more than the ring's), the older ones at the ring's bits
+      (e.g. 2-bit codebook with a 4-bit middle of 512 tokens); sides at full precision
+      stay so;
     - ``window``: ``WindowCache`` of ``sinks`` + ``window`` recent tokens, quantized when
       bits are set;
     - ``budget`` (bytes, or a size such as "64MB"): the whole model's KV never takes more.
@@ -76,6 +80,8 @@ class CacheConfig:
     allocator: str = "uniform"
     quant: str = "affine"
     sketch: bool = False
+    middle: int = 0
+    middle_bits: int = 4
 
     def __post_init__(self):
         if self.budget is not None:  # parsed once, here: a size such as "64MB" -> bytes
@@ -127,6 +133,18 @@ class CacheConfig:
             problems.append("key_mode 'channel' needs key_bits")
         if self.residual < 0:
             problems.append("residual must be >= 0")
+        if self.middle < 0:
+            problems.append("middle must be >= 0")
+        if self.middle and not self.quantized:
+            problems.append("middle only applies to a quantized cache (set key/value bits)")
+        elif self.middle:
+            allowed = CODEBOOK_BITS if self.quant == "codebook" else BITS
+            below = [b for b in (self.key_bits, self.value_bits) if b is not None]
+            if self.middle_bits not in allowed:
+                problems.append(f"middle_bits must be one of {allowed} (got {self.middle_bits})")
+            elif self.middle_bits <= max(below):
+                problems.append(f"middle_bits ({self.middle_bits}) must be more than the older "
+                                f"tokens' bits ({max(below)}): the middle holds newer tokens")
         if self.residual and not self.quantized:
             problems.append("residual only applies to a quantized cache (set key/value bits)")
         if self.rotate and self.key_bits is None:
@@ -142,8 +160,10 @@ class CacheConfig:
                 problems.append("sinks must be >= 0")
             if self.start:
                 problems.append("start applies to the growing quantized cache, not to a window")
-            if self.quantized and self.window <= self.residual:
-                problems.append(f"window ({self.window}) must be larger than the residual ({self.residual})")
+            if self.quantized and self.window <= self.residual + self.middle:
+                held = "the residual" + (" and middle" if self.middle else "")
+                problems.append(f"window ({self.window}) must be larger than {held} "
+                                f"({self.residual + self.middle})")
         if self.policy not in known_policies():
             problems.append(f"unknown policy {self.policy!r} (known: {', '.join(known_policies())})")
         elif self.policy != "window":
@@ -197,6 +217,8 @@ class CacheConfig:
                 parts.append(f"K {kb}{' + sketch' if self.sketch else ''} V {vb} codebook")
             else:
                 parts.append(f"K {kb} ({self.key_mode}) V {vb}, group {self.group_size or 'auto'}")
+            if self.middle:
+                parts.append(f"{self.middle_bits}-bit middle {self.middle}")
             if self.residual:
                 parts.append(f"residual {self.residual}")
             if self.rotate:
@@ -218,8 +240,8 @@ class CacheConfig:
             args = dict(window=window, sinks=self.sinks, key_bits=self.key_bits,
                         value_bits=self.value_bits, group_size=self.group_size,
                         key_mode=self.key_mode, residual=self.residual, rotate=self.rotate,
-                        quant=self.quant, sketch=self.sketch,
-                        seed=self.seed + layer, budget=budget)
+                        quant=self.quant, sketch=self.sketch, middle=self.middle,
+                        middle_bits=self.middle_bits, seed=self.seed + layer, budget=budget)
             if self.policy != "window" and self.allocator == "adaptive":
                 return AdaptiveScoredCache(policy=make_policy(self.policy), **args)
             if self.policy != "window":
@@ -229,6 +251,7 @@ class CacheConfig:
             return QuantizedCache(key_bits=self.key_bits, value_bits=self.value_bits,
                                   group_size=self.group_size, key_mode=self.key_mode,
                                   quant=self.quant, sketch=self.sketch,
+                                  middle=self.middle, middle_bits=self.middle_bits,
                                   residual=self.residual, rotate=self.rotate,
                                   start=self.start, seed=self.seed + layer)
         return FullCache()
@@ -287,22 +310,28 @@ def allocate(total: int, n_layers: int, allocator: str = "uniform") -> list[int]
 
 def budget_window(model, config: CacheConfig, per_layer: int, n_layers: int) -> int:
     """The window a layer can keep within ``per_layer`` bytes: sinks and residual buffer
-    at full precision, the rest in the ring's codecs (plus, for a scoring policy, each
-    slot's score and position)."""
+    at full precision, the middle in its codecs, the rest in the ring's codecs (plus, for
+    a scoring policy, each slot's score and position)."""
     from .route import model_dtype, model_head_dim, model_kv_heads
 
     head_dim = model_head_dim(model)
     kv_heads = model_kv_heads(model)
     dtype_size = model_dtype(model).size
-    kc = make_codec(config.key_bits, config.group_size, config.key_mode, config.quant, config.sketch)
-    vc = make_codec(config.value_bits, config.group_size, "token", config.quant)
-    unit = flush_unit(kc, vc, config.residual)
+    lay = make_layout(key_bits=config.key_bits, value_bits=config.value_bits,
+                      group_size=config.group_size, key_mode=config.key_mode,
+                      residual=config.residual, quant=config.quant, sketch=config.sketch,
+                      middle=config.middle, middle_bits=config.middle_bits)
+    unit = lay.unit
+    pair = lambda kc, vc: (token_bytes(kc, head_dim, kv_heads, dtype_size)  # noqa: E731
+                           + token_bytes(vc, head_dim, kv_heads, dtype_size))
     full = 2 * kv_heads * head_dim * dtype_size  # one token's K and V at full precision
     fixed = (config.sinks + config.residual + unit) * full
-    ring_token = (token_bytes(kc, head_dim, kv_heads, dtype_size)
-                  + token_bytes(vc, head_dim, kv_heads, dtype_size))
+    if lay.middle:
+        fixed += lay.middle * pair(lay.mkc, lay.mvc)
+    ring_token = pair(lay.kc, lay.vc)
     if config.policy != "window":
         ring_token += kv_heads * 8  # float32 score + int32 position per slot and head
+        fixed += (lay.held_back + unit) * kv_heads * 4  # float32 score of tokens not yet in it
     if config.allocator == "adaptive":
         ring_token += kv_heads * 4  # int32 head id per slot of the shared pool
     ring = int((per_layer - fixed) // ring_token) // unit * unit
@@ -312,7 +341,8 @@ def budget_window(model, config: CacheConfig, per_layer: int, n_layers: int) -> 
         raise InputError(
             f"a KV budget of {format_bytes(total)} is too small for this model and cache: "
             f"a layer's share ({format_bytes(per_layer)}) must be at least {format_bytes(need)} "
-            f"for {config.sinks} sinks, the residual and one block of {unit} tokens "
+            f"for {config.sinks} sinks, the residual{' and middle' if lay.middle else ''} "
+            f"and one block of {unit} tokens "
             f"(about {format_bytes(need * total / per_layer)} in all)")
-    return ring + config.residual
+    return ring + config.residual + lay.middle
 

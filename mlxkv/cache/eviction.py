@@ -125,7 +125,7 @@ class Positional(Eviction):
     def rule(self, layout):
         """A query of a prompt chunk sees the sinks and what the ring would still hold
         had the tokens come one at a time: chunked and token-by-token feeding agree."""
-        sinks, residual, unit, cap = layout.sinks, layout.residual, layout.unit, self.capacity
+        sinks, residual, unit, cap = layout.sinks, layout.held_back, layout.unit, self.capacity
 
         def within(kpos, qpos):
             seen = qpos + 1 - sinks

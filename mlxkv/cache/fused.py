@@ -27,9 +27,10 @@ def _decode_rows(eviction: Eviction) -> tuple[int, int] | None:
 def fused_inputs(layout: Layout, eviction: Eviction, q: mx.array):
     """(ring, float keys, float values, observed rows) for the fused decode kernel, or
     None: Metal is on, the ring is in codecs the kernel reads, each kv head has its own
-    ring (not a shared pool), and the kernel supports the shapes."""
+    ring (not a shared pool), there is no middle (the kernel reads one ring), and the
+    kernel supports the shapes."""
     if not (metal_enabled() and layout.ring_len and layout.kc.fusable and layout.vc.fusable
-            and not eviction.shared_slots):
+            and not eviction.shared_slots and not layout.middle):
         return None
     ring = _packed(layout.kc, layout.vc, layout.ring_keys, layout.ring_values, layout.ring_len)
     fk, fv = layout.float_part()
@@ -70,10 +71,10 @@ def preflight(cache, *, dtype: mx.Dtype, head_dim: int, gqa: int) -> None:
     if not metal_enabled() or not (layout.kc.bits or layout.vc.bits):
         return
     x = mx.zeros((1, gqa, 1, head_dim), dtype)
-    for codec in (layout.kc, layout.vc):
-        if codec.bits is not None:
+    for codec in (layout.kc, layout.vc, layout.mkc, layout.mvc):
+        if codec is not None and codec.bits is not None:
             mx.eval(codec.encode(mx.zeros((1, 1, codec.block, head_dim), dtype)))
-    if not (layout.kc.fusable and layout.vc.fusable) or eviction.shared_slots:
+    if not (layout.kc.fusable and layout.vc.fusable) or eviction.shared_slots or layout.middle:
         return
     kc, vc = layout.kc, layout.vc
     slots = max(kc.block, 32)

@@ -1,14 +1,21 @@
 """``Layout``: where a compressed cache keeps its tokens, per kv head:
 
-    [ sinks | ring of codec slots | residual ]
-      S fp     quantized or fp      R..R+U-1 fp
+    [ sinks | ring of codec slots | middle        | residual ]
+      S fp     quantized or fp      M, more bits    R..R+U-1 fp
 
 - *sinks*: the first S tokens at full precision, never evicted (attention sinks);
 - *ring*: older tokens in the key/value codecs' storage (``mlxkv.cache.codec``), written U
   tokens at a time (U = the flush unit); which slots they go to, and what is evicted to
   make room, is the eviction strategy's business (``mlxkv.cache.eviction``);
+- *middle* (optional, bits by token age): the M tokens before the residual in codecs of
+  their own with more bits than the ring's (e.g. a 4-bit middle before a 2-bit ring). The
+  residual's flushed tokens enter it; when it holds more than M, its oldest leave for the
+  ring, decoded and coded again in the ring's codecs. Kept in position order.
 - *residual*: the most recent tokens at full precision. When it reaches R + U tokens,
-  its oldest U tokens are flushed into the ring.
+  its oldest U tokens are flushed into the middle, or the ring when there is none.
+
+Tokens flushed from the residual pass through the middle whatever the chunk size, so a
+prompt fed in chunks and token by token are stored alike.
 
 Every array has a name (``arrays``), so a saved cache is read back by name.
 """
@@ -17,18 +24,20 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .codec import encode_pair
+from .codec import FLOAT, encode_pair, make_codec
 
 STEP = 256  # buffers grow in steps of this many tokens
 
 
-def flush_unit(key_codec, value_codec, residual: int) -> int:
+def flush_unit(key_codec, value_codec, residual: int, middle: tuple = ()) -> int:
     """Tokens moved from the residual into the ring at a time: a codec's block (a group of
-    tokens for per-channel keys), or a group when there is a residual to flush."""
-    unit = max(key_codec.block, value_codec.block)
-    if unit == 1 and residual > 0:
+    tokens for per-channel keys), or a group when there is a residual (or a middle) to
+    flush. ``middle``: the middle's codecs, if any."""
+    codecs = (key_codec, value_codec, *middle)
+    unit = max(c.block for c in codecs)
+    if unit == 1 and (residual > 0 or middle):
         # Flush the residual a group at a time, not a token at a time.
-        unit = max(c.group for c in (key_codec, value_codec) if c.bits is not None)
+        unit = max(c.group for c in codecs if c.bits is not None)
     return unit
 
 
@@ -37,20 +46,45 @@ def _grown(a: mx.array, extra: int) -> mx.array:
     return mx.concatenate([a, mx.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype)], axis=2)
 
 
+def make_layout(*, key_bits: int | None, value_bits: int | None, group_size: int = 64,
+                key_mode: str = "token", residual: int = 0, sinks: int = 0, quant: str = "affine",
+                sketch: bool = False, middle: int = 0, middle_bits: int = 4) -> "Layout":
+    """The layout of a cache's settings: the ring's codecs (``codec.make_codec``) and, with
+    ``middle`` tokens, a middle of ``middle_bits`` per token in the same kind of codec
+    (full precision where the ring is)."""
+    kc = make_codec(key_bits, group_size, key_mode, quant, sketch)
+    vc = make_codec(value_bits, group_size, "token", quant)
+    mid = tuple(FLOAT if c.bits is None else make_codec(middle_bits, group_size, "token", quant)
+                for c in (kc, vc)) if middle else ()
+    return Layout(key_codec=kc, value_codec=vc, sinks=sinks, residual=residual,
+                  middle=middle, middle_codecs=mid)
+
+
 class Layout:
     """The arrays and counters of sinks + ring + residual (see the module docstring)."""
 
-    def __init__(self, *, key_codec, value_codec, sinks: int = 0, residual: int = 0):
+    def __init__(self, *, key_codec, value_codec, sinks: int = 0, residual: int = 0,
+                 middle: int = 0, middle_codecs: tuple = ()):
         self.kc, self.vc = key_codec, value_codec
+        self.mkc, self.mvc = middle_codecs if middle else (None, None)
         self.sinks, self.residual = sinks, residual
-        self.unit = flush_unit(key_codec, value_codec, residual)
+        self.unit = flush_unit(key_codec, value_codec, residual, middle_codecs if middle else ())
+        self.middle = -(-middle // self.unit) * self.unit  # whole flush units
         self.n_sinks = 0       # sink tokens held
         self.res_len = 0       # tokens held in the residual
+        self.mid_len = 0       # tokens held in the middle
         self.ring_len = 0      # slots of the ring in use
         self.alloc = 0         # ring slots allocated
         self.flushed = 0       # tokens flushed into the ring so far (incl. those since evicted)
         self.sink_keys = self.sink_values = self.residual_keys = self.residual_values = None
         self.ring_keys = self.ring_values = None  # tuples: the codecs' storage
+        self.middle_keys = self.middle_values = None  # tuples: the middle codecs' storage
+
+    @property
+    def held_back(self) -> int:
+        """Tokens the residual and the middle keep from the ring (once filled, before
+        the residual's next flush)."""
+        return self.residual + self.middle
 
     @property
     def empty(self) -> bool:
@@ -92,6 +126,39 @@ class Layout:
         ks = [self.sink_keys[..., : self.n_sinks, :], self.residual_keys[..., : self.res_len, :]]
         vs = [self.sink_values[..., : self.n_sinks, :], self.residual_values[..., : self.res_len, :]]
         return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
+
+    # ----- the middle -----------------------------------------------------------------
+    def pass_middle(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Tokens flushed from the residual (B, H, n, D) in, the tokens the ring takes
+        out: with a middle, its oldest beyond ``middle`` tokens, decoded (possibly none);
+        without one, ``keys``/``values`` themselves."""
+        if not self.middle:
+            return keys, values
+        ek, ev = encode_pair(self.mkc, self.mvc, keys, values)
+        if self.mid_len:
+            join = lambda a, b: mx.concatenate([a, b], axis=2)  # noqa: E731
+            ek = tuple(map(join, self.mkc.slots(self.middle_keys, self.mid_len), ek))
+            ev = tuple(map(join, self.mvc.slots(self.middle_values, self.mid_len), ev))
+        total = self.mid_len + keys.shape[2]
+        out = max(0, total - self.middle)
+        older = lambda parts: tuple(a[..., :out, :] for a in parts)  # noqa: E731
+        newer = lambda parts: tuple(a[..., out:, :] for a in parts)  # noqa: E731
+        leaving = (keys[..., :0, :], values[..., :0, :])
+        if out:
+            leaving = (self.mkc.decode(older(ek)).astype(keys.dtype),
+                       self.mvc.decode(older(ev)).astype(values.dtype))
+        self.middle_keys, self.middle_values = newer(ek), newer(ev)
+        self.mid_len = total - out
+        return leaving
+
+    def middle_slots(self) -> tuple[tuple, tuple]:
+        n = self.mid_len
+        return self.mkc.slots(self.middle_keys, n), self.mvc.slots(self.middle_values, n)
+
+    @property
+    def middle_nbytes(self) -> int:
+        parts = list(self.middle_keys or ()) + list(self.middle_values or ())
+        return sum(a.nbytes for a in parts)
 
     # ----- the ring -------------------------------------------------------------------
     def reserve_ring(self, needed: int, like_k: mx.array, like_v: mx.array,
@@ -137,6 +204,8 @@ class Layout:
                "residual_keys": self.residual_keys, "residual_values": self.residual_values}
         if self.ring_keys is not None:
             out["ring_keys"], out["ring_values"] = tuple(self.ring_keys), tuple(self.ring_values)
+        if self.middle_keys is not None:
+            out["middle_keys"], out["middle_values"] = tuple(self.middle_keys), tuple(self.middle_values)
         return out
 
     def set_arrays(self, arrays: dict) -> None:
@@ -145,10 +214,14 @@ class Layout:
         ring_k, ring_v = arrays.get("ring_keys"), arrays.get("ring_values")
         self.ring_keys = None if ring_k is None else tuple(ring_k)
         self.ring_values = None if ring_v is None else tuple(ring_v)
+        mid_k, mid_v = arrays.get("middle_keys"), arrays.get("middle_values")
+        self.middle_keys = None if mid_k is None else tuple(mid_k)
+        self.middle_values = None if mid_v is None else tuple(mid_v)
 
     def clear(self) -> None:
         self.sink_keys = self.sink_values = self.residual_keys = self.residual_values = None
         self.ring_keys = self.ring_values = None
+        self.middle_keys = self.middle_values = None
 
     def v1_names(self) -> list[str]:
         """The arrays in the order mlxkv 0.1 saved them (a list, by position)."""
@@ -165,9 +238,11 @@ class Layout:
     @property
     def nbytes(self) -> int:
         ring = list(self.ring_keys or ()) + list(self.ring_values or ())
-        return self.full_nbytes + sum(a.nbytes for a in ring)
+        return self.full_nbytes + self.middle_nbytes + sum(a.nbytes for a in ring)
 
     def consistent(self) -> bool:
         """The counters fit inside the arrays (a check on a loaded cache)."""
         return (self.n_sinks <= self.sink_keys.shape[2] and self.res_len <= self.residual_keys.shape[2]
-                and self.ring_len <= self.alloc and (self.ring_len == 0 or self.ring_keys is not None))
+                and self.ring_len <= self.alloc and (self.ring_len == 0 or self.ring_keys is not None)
+                and self.mid_len <= self.middle
+                and (self.mid_len == 0 or self.middle_keys is not None))

@@ -159,11 +159,12 @@ class Scored(Eviction):
 
     # ----- persistence ----------------------------------------------------------------
     def arrays(self, layout, offset):
+        """The slots' statistics once the ring is written, and the tail's as held (those
+        of tokens still in the middle or residual; ``_tail`` pads what is missing)."""
+        out = {} if self.tail is None else {"tail": self.tail}
         if self.score is None:
-            return {}
-        B, H = layout.sink_keys.shape[:2]
-        pending = offset - layout.sinks - layout.flushed if offset > layout.sinks else 0
-        out = {"slot_score": self.score, "slot_pos": self.pos, "tail": self._tail(B, H, pending)}
+            return out
+        out.update(slot_score=self.score, slot_pos=self.pos)
         if self.head is not None:
             out["slot_head"] = self.head
         return out
@@ -177,7 +178,7 @@ class Scored(Eviction):
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.score, self.pos, self.head) if a is not None)
+        return sum(a.nbytes for a in (self.score, self.pos, self.head, self.tail) if a is not None)
 
 
 class ScoredCache(WindowCache):

@@ -9,19 +9,16 @@ kept in whole flush units, so it holds between ``window`` and ``window + unit - 
 from __future__ import annotations
 
 from .base import CompressedCache
-from .codec import make_codec
 from .eviction import Positional
-from .layout import Layout
+from .layout import Layout, make_layout
 
 
 def window_layout(*, window: int, sinks: int = 4, key_bits: int | None = None,
-                  value_bits: int | None = None, group_size: int = 64, key_mode: str = "token",
-                  residual: int = 0, quant: str = "affine", sketch: bool = False) -> tuple[Layout, int]:
-    """The layout of a window of ``window`` tokens, and its ring's capacity (whole units)."""
-    layout = Layout(key_codec=make_codec(key_bits, group_size, key_mode, quant, sketch),
-                    value_codec=make_codec(value_bits, group_size, "token", quant),
-                    sinks=sinks, residual=residual)
-    ring = max(window - residual, layout.unit)
+                  value_bits: int | None = None, **settings) -> tuple[Layout, int]:
+    """The layout of a window of ``window`` tokens (its residual and middle included),
+    and its ring's capacity (whole units). ``settings``: ``make_layout``'s."""
+    layout = make_layout(key_bits=key_bits, value_bits=value_bits, sinks=sinks, **settings)
+    ring = max(window - layout.held_back, layout.unit)
     return layout, -(-ring // layout.unit) * layout.unit
 
 

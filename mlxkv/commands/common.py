@@ -14,7 +14,8 @@ from ..policies import known_policies
 # --kv-* flag -> the word mlxkv.settings reads (a CacheConfig field, or bits/max_kv_size)
 CACHE_FLAGS = ("kv_bits", "kv_key_bits", "kv_value_bits", "kv_group_size", "kv_key_mode",
                "kv_residual", "kv_rotate", "kv_window", "kv_sinks", "kv_start", "kv_budget",
-               "kv_policy", "kv_allocator", "kv_quant", "kv_sketch", "max_kv_size")
+               "kv_policy", "kv_allocator", "kv_quant", "kv_sketch", "kv_middle", "kv_middle_bits",
+               "max_kv_size")
 
 # What `mlxkv chat` uses when no budget, window or bits are given: the conversation goes
 # on forever inside a fixed amount of memory.
@@ -54,6 +55,12 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
                    help="group keys per token or per channel (KIVI)")
     g.add_argument("--kv-residual", type=int, default=None,
                    help="most recent tokens kept at full precision")
+    g.add_argument("--kv-middle", type=int, default=None, metavar="TOKENS",
+                   help="bits by token age: the tokens before the residual kept at "
+                        "--kv-middle-bits, older ones at --kv-bits (e.g. --kv-quant codebook "
+                        "--kv-bits 2 --kv-middle 512)")
+    g.add_argument("--kv-middle-bits", type=int, choices=BITS, default=None,
+                   help="bits of the middle tokens (default 4; more than --kv-bits)")
     g.add_argument("--kv-rotate", action="store_true", default=None,
                    help="randomized Hadamard rotation of keys before quantizing")
     g.add_argument("--kv-window", type=int, default=None, help="keep only sinks + this many recent tokens")
