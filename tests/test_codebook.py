@@ -22,6 +22,18 @@ def ref_weighted(p, v):
     return p.astype(mx.float32) @ v.astype(mx.float32)
 
 
+def ref_lookup(planes, widths, levels):
+    """levels[code] per element, the codes read bit by bit from their planes (float32)."""
+    words = [np.array(p) for p in planes]
+    code, low = 0, 0
+    for w, width in zip(words, widths):
+        per = 32 // width
+        fields = (w[..., :, None] >> (np.arange(per, dtype=np.uint32) * width)) & ((1 << width) - 1)
+        code = code + (fields.reshape(*w.shape[:-1], -1).astype(np.int64) << low)
+        low += width
+    return np.array(levels, np.float32)[code]
+
+
 def rel_mse(a, b):
     return (mx.sum((a - b) ** 2) / mx.sum(b ** 2)).item()
 
@@ -152,6 +164,29 @@ def test_codebook_caches_grow_save_and_hold_a_budget(tmp_path):
     for i in range(0, 300, 64):
         model(mx.array(prompt[i:i + 64])[None], cache=affine)
     assert st.kept > mlxkv.cache_stats(affine).kept
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n", [1, 5, 300])
+@pytest.mark.parametrize("table", ["lloyd-max", "asymmetric"])
+def test_the_references_expand_the_table_exactly(bits, n, table):
+    """The CPU references read codes as a sum over their bits (the table's Walsh
+    expansion, compiled once for every length) instead of a lookup: the same values,
+    for any table, not only symmetric ones."""
+    from mlxkv.kernels import codebook_attention as ka
+    from mlxkv.cache.codebook import PLANES
+
+    c = CodebookCodec(bits)
+    state = c.encode(keys_like((1, 2, n, 64), seed=n))
+    levels = (mx.array(lloyd_max(bits, 64)[0], dtype=mx.float32) if table == "lloyd-max"
+              else mx.random.normal((2 ** bits,), key=mx.random.key(bits)))
+    subsets, _ = ka.walsh(np.array(levels, np.float64), bits)
+    if table == "lloyd-max":  # only odd terms: 2, 4, 8 of them
+        assert all(len(S) % 2 for S in subsets) and len(subsets) == {2: 2, 3: 4, 4: 8}[bits]
+    got = ka.unscaled_vectors(planes=list(state[:-1]), widths=PLANES[bits], levels=levels)
+    want = ref_lookup(state[:-1], PLANES[bits], levels)
+    assert got.shape == (1, 2, n, 64)
+    assert np.abs(np.array(got) - want).max() <= 1e-5 * (1 + np.abs(want).max())
 
 
 # ----- the Metal kernels, through the strict simulator (the GPU on a Mac) -------------------

@@ -31,11 +31,11 @@ STEP = 256  # buffers grow in steps of this many tokens
 
 def flush_unit(key_codec, value_codec, residual: int, middle: tuple = ()) -> int:
     """Tokens moved from the residual into the ring at a time: a codec's block (a group of
-    tokens for per-channel keys), or a group when there is a residual (or a middle) to
-    flush. ``middle``: the middle's codecs, if any."""
+    tokens for per-channel keys), or a group when there is a residual to flush.
+    ``middle``: the middle's codecs, if any."""
     codecs = (key_codec, value_codec, *middle)
     unit = max(c.block for c in codecs)
-    if unit == 1 and (residual > 0 or middle):
+    if unit == 1 and residual > 0:
         # Flush the residual a group at a time, not a token at a time.
         unit = max(c.group for c in codecs if c.bits is not None)
     return unit
@@ -95,7 +95,7 @@ class Layout:
         B, H, _, Dk = keys.shape
         Dv, dt = values.shape[3], keys.dtype
         self.sink_keys, self.sink_values = mx.zeros((B, H, self.sinks, Dk), dt), mx.zeros((B, H, self.sinks, Dv), dt)
-        rcap = self.residual + self.unit
+        rcap = self.residual + self.unit - 1  # the most it holds between steps
         self.residual_keys, self.residual_values = mx.zeros((B, H, rcap, Dk), dt), mx.zeros((B, H, rcap, Dv), dt)
 
     # ----- full-precision parts -------------------------------------------------------

@@ -10,7 +10,11 @@ the codes' bit planes (B, H, n, D * w / 32) uint32 for widths ``widths`` (low bi
 
 from __future__ import annotations
 
+from functools import lru_cache
+from itertools import combinations
+
 import mlx.core as mx
+import numpy as np
 
 from . import _metal
 
@@ -60,20 +64,100 @@ def codebook_weighted_metal(*, p, planes, widths, scale, levels):
                    cols=planes[0].shape[-1] * 32 // widths[0])
 
 
+# ----- the references ---------------------------------------------------------------------
+# A table lookup per element (``levels[codes]``) is a gather, which MLX's CPU backend runs
+# as its own pass over the cache, after the passes that unpack the codes. The references
+# instead write the table as a sum over subsets S of the code's bits (its Walsh
+# expansion): levels[c] = sum_S a_S * prod_{i in S} s_i, with s_i = +1 or -1 for bit i of
+# c. A symmetric codebook (levels[~c] = -levels[c], as Lloyd-Max's are) has only odd
+# subsets: 2 terms at 2 bits, 4 at 3 bits, 8 at 4 bits. That is elementwise arithmetic on
+# the packed words, which ``mx.compile`` fuses into one pass; the codes never exist as an
+# array and neither does a gather.
+
+
+def walsh(levels: np.ndarray, bits: int) -> tuple[tuple[tuple[int, ...], ...], np.ndarray]:
+    """(subsets, coefficients) of a table of 2^bits levels, zero terms left out."""
+    c = np.arange(2 ** bits)
+    s = [2.0 * ((c >> i) & 1) - 1.0 for i in range(bits)]
+    subsets = [S for r in range(bits + 1) for S in combinations(range(bits), r)]
+    coef = [float(np.mean(levels * np.prod([s[i] for i in S], axis=0))) for S in subsets]
+    top = max(abs(a) for a in coef) or 1.0
+    keep = [i for i, a in enumerate(coef) if abs(a) > 1e-7 * top]
+    return tuple(subsets[i] for i in keep), np.array([coef[i] for i in keep], np.float32)
+
+
+@lru_cache(maxsize=None)
+def _expansion(widths: tuple[int, ...], subsets: tuple[tuple[int, ...], ...]):
+    """A compiled elementwise function (words, words of a second plane, coefficients) ->
+    the codes' table values. Its inputs are the planes' words shaped by ``_words`` so
+    that every plane broadcasts to one (..., D / 32, A, F) grid of coordinates, and it
+    reshapes nothing, so one compiled function serves every cache length."""
+    bits = sum(widths)
+    w0 = widths[0]
+    per0 = 32 // w0
+
+    def expand(words0, words1, coef):
+        fields = words0 >> (mx.arange(per0, dtype=mx.uint32) * w0).reshape(1, per0)
+        bit = [(fields >> i) & 1 for i in range(w0)]
+        if len(widths) > 1:  # a 1-bit plane for the code's top bit
+            bit.append((words1 >> mx.arange(32, dtype=mx.uint32).reshape(_grid(widths))) & 1)
+        sign = [2.0 * b.astype(mx.float32) - 1.0 for b in bit[:bits]]
+        products = {(i,): x for i, x in enumerate(sign)}  # of sign bits, shared prefixes once
+
+        def product(S):
+            if S not in products:
+                products[S] = product(S[:-1]) * sign[S[-1]]
+            return products[S]
+
+        terms = [coef[j] * product(S) if S else coef[j] for j, S in enumerate(subsets)]
+        while len(terms) > 1:  # summed as a balanced tree: a shallow graph fuses whole
+            terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) // 2 * 2:]
+        return terms[0]
+
+    return mx.compile(expand, shapeless=True)
+
+
+def _grid(widths) -> tuple[int, int]:
+    """(A, F): a word's coordinates as A words of F fields of the first plane: one word
+    of 32 / width fields, or (2-bit + 1-bit planes) the 32 coordinates of a 1-bit word
+    as two 2-bit words of 16."""
+    return (2, 16) if len(widths) > 1 else (1, 32 // widths[0])
+
+
+def _words(planes, widths):
+    """The planes' words shaped to broadcast over (..., D / 32, A, F)."""
+    lead = planes[0].shape[:-1]
+    A, F = _grid(widths)
+    if len(widths) == 1:
+        return planes[0].reshape(*lead, -1, 1, 1), mx.zeros((1,), mx.uint32)
+    return planes[0].reshape(*lead, -1, A, 1), planes[1].reshape(*lead, -1, 1, 1)
+
+
+def unscaled_vectors(*, planes, widths, levels) -> mx.array:
+    """levels[codes] (B, H, n, D) float32: the coded directions, before each slot's scale."""
+    subsets, coef = walsh(np.array(levels, np.float64)[: 2 ** sum(widths)], sum(widths))
+    words0, words1 = _words(planes, widths)
+    out = _expansion(tuple(widths), subsets)(words0, words1, mx.array(coef))
+    return out.reshape(*planes[0].shape[:-1], -1)
+
+
 def vectors_reference(*, planes, widths, scale, levels, dtype) -> mx.array:
     """The slots' vectors in the rotated space (B, H, n, D): a working block of the
     reference, never stored."""
-    return (levels[codes(planes, widths)] * scale.astype(mx.float32)).astype(dtype)
+    return (unscaled_vectors(planes=planes, widths=widths, levels=levels)
+            * scale.astype(mx.float32)).astype(dtype)
 
 
 def codebook_scores_reference(*, q, planes, widths, scale, levels):
-    k = vectors_reference(planes=planes, widths=widths, scale=scale, levels=levels, dtype=q.dtype)
-    return q @ k.swapaxes(-1, -2)
+    """Each slot's scale is applied to its column of scores, not to its D values."""
+    k = unscaled_vectors(planes=planes, widths=widths, levels=levels).astype(q.dtype)
+    return (q @ k.swapaxes(-1, -2)) * scale.swapaxes(-1, -2).astype(q.dtype)
 
 
 def codebook_weighted_reference(*, p, planes, widths, scale, levels):
-    v = vectors_reference(planes=planes, widths=widths, scale=scale, levels=levels, dtype=p.dtype)
-    return p @ v
+    """Each slot's scale is applied to its column of probabilities, not to its D values."""
+    v = unscaled_vectors(planes=planes, widths=widths, levels=levels).astype(p.dtype)
+    return (p * scale.swapaxes(-1, -2).astype(p.dtype)) @ v
 
 
 def _supported(x, planes, scale) -> bool:
