@@ -21,7 +21,7 @@ from .errors import InputError
 OFF = ("off", "none")
 NULLABLE = ("key_bits", "value_bits", "group_size", "window", "budget")
 COUNTS = ("key_bits", "value_bits", "group_size", "residual", "window", "sinks", "start",
-          "seed", "max_kv_size", "middle", "middle_bits")
+          "seed", "max_kv_size", "middle", "middle_bits", "outliers")
 TEXT = ("key_mode", "policy", "allocator", "quant")
 FIELDS = tuple(f.name for f in fields(CacheConfig))
 
@@ -95,6 +95,7 @@ def apply(config: CacheConfig, words: Mapping[str, Any]) -> CacheConfig:
     if "key_bits" in changes and changes["key_bits"] is None:  # what only quantized keys have
         changes.setdefault("key_mode", "token")
         changes.setdefault("rotate", False)
+        changes.setdefault("outliers", 0)
     if ("key_bits" in changes or "value_bits" in changes) and all(
             changes.get(b, getattr(config, b)) is None for b in ("key_bits", "value_bits")):
         changes.setdefault("residual", 0)

@@ -124,6 +124,28 @@ def test_the_sign_sketch_makes_key_scores_unbiased_at_one_more_bit():
         assert abs(mx.mean(err).item()) < 4 * spread / np.sqrt(4000)  # mean within noise
 
 
+def test_outliers_keep_each_keys_largest_value_and_cut_its_error():
+    x = keys_like((1, 2, 200, 64), seed=3)  # a few channels far larger than the rest
+    q = mx.random.normal((1, 2, 4, 64))
+    for bits in (2, 3):
+        plain, kept = CodebookCodec(bits), CodebookCodec(bits, outliers=1)
+        assert kept.bytes_per_token(64, 4) == plain.bytes_per_token(64, 4) + 3  # uint8 + float16
+        state = kept.alloc(1, 2, 200, 64, mx.float32)
+        kept.write(state, 0, x)
+        assert sum(a.nbytes for a in state) == 2 * 200 * kept.bytes_per_token(64, 4)
+        channel, value = state[-2:]
+        largest = mx.argmax(mx.abs(x), axis=-1)
+        assert mx.array_equal(channel[..., 0].astype(mx.int32), largest).item()
+        want = mx.take_along_axis(x, largest[..., None], axis=-1).astype(mx.float16)
+        assert mx.array_equal(value, want).item()
+        decoded = kept.decode(state)
+        assert rel_mse(decoded, x) < 0.6 * rel_mse(plain.decode(plain.encode(x)), x)
+        # scores read from the storage (codes + the kept values) are those of the decode
+        assert mx.allclose(kept.scores(q, state), ref_scores(q, decoded), atol=1e-4).item()
+    with pytest.raises(ValueError, match="keys"):
+        kept.weighted(mx.ones((1, 2, 4, 200)), state)
+
+
 def test_config_checks_and_settings_words():
     from mlxkv import settings
 
@@ -133,7 +155,10 @@ def test_config_checks_and_settings_words():
     for bad, why in (({"key_bits": 8, "quant": "codebook"}, "codebook key_bits must be one of"),
                      ({"key_bits": 3, "quant": "codebook", "key_mode": "channel"}, "per token"),
                      ({"key_bits": 3, "quant": "vq"}, "quant must be one of"),
-                     ({"key_bits": 3, "sketch": True}, "sketch applies to codebook keys")):
+                     ({"key_bits": 3, "sketch": True}, "sketch applies to codebook keys"),
+                     ({"key_bits": 3, "outliers": 1}, "outliers apply to codebook keys"),
+                     ({"value_bits": 3, "quant": "codebook", "outliers": 1}, "outliers apply"),
+                     ({"key_bits": 3, "quant": "codebook", "outliers": 9}, "0 to 8 per key")):
         with pytest.raises(InputError, match=why):
             CacheConfig(**bad).check(64)
     with pytest.raises(InputError, match="head dim of 2"):
@@ -143,12 +168,12 @@ def test_config_checks_and_settings_words():
 def test_codebook_caches_grow_save_and_hold_a_budget(tmp_path):
     model = tiny_model("llama")  # head dim 32, 2 kv heads, float32
     prompt = mx.random.randint(0, 512, (300,)).tolist()
-    grow = make_cache(model, CacheConfig(key_bits=3, value_bits=3, quant="codebook", residual=32))
+    config = CacheConfig(key_bits=3, value_bits=3, quant="codebook", residual=32, outliers=1)
+    grow = make_cache(model, config)
     model(mx.array(prompt)[None], cache=grow)
     st = mlxkv.cache_stats(grow)
     assert st.kept == 300 and st.layers[0].kept_quantized.get(3, 0) >= 256
     model.mlxkv_identity = {"name": "tiny-llama"}
-    config = CacheConfig(key_bits=3, value_bits=3, quant="codebook", residual=32)
     save_cache(tmp_path / "c.safetensors", grow, model=model, config=config, tokens=prompt)
     loaded, _, tokens, _ = load_cache(tmp_path / "c.safetensors", model)
     step = mx.array([[7]])

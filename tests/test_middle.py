@@ -138,9 +138,11 @@ def test_budget_accounts_for_the_middle_and_the_ring():
     assert lay.middle == 96 and st_aged.layers[0].kept_quantized[4] == 96
     # the middle's 96 tokens at 4 bits cost the ring 2-bit slots: fewer tokens kept
     assert st_aged.kept < st_plain.kept
-    # the bytes add up: fp sinks + residual buffers, the middle, the ring's slots
+    # the bytes add up: fp sinks + residual buffers, the middle's buffer (96 + a group
+    # it flushes at a time), the ring's slots
     per_token = lambda c: c.bytes_per_token(32, 4) * 2  # noqa: E731  (2 kv heads)
-    want = lay.full_nbytes + 96 * (per_token(lay.mkc) + per_token(lay.mvc)) \
+    assert lay.middle_unit == 32
+    want = lay.full_nbytes + (96 + 32) * (per_token(lay.mkc) + per_token(lay.mvc)) \
         + lay.alloc * (per_token(lay.kc) + per_token(lay.vc))
     assert aged[0].nbytes == want
 
@@ -161,3 +163,19 @@ def test_turning_bits_off_turns_the_middle_off():
     config = settings.apply(CacheConfig(), dict(bits=2, middle=64))
     assert config.describe().startswith("K 2-bit (token) V 2-bit") and "4-bit middle 64" in config.describe()
     assert settings.apply(config, dict(bits="off")).middle == 0
+
+
+@pytest.mark.parametrize("residual", [0, 16])
+def test_the_prefill_rule_knows_what_the_ring_holds_after_any_token(residual):
+    """A positional window lets a prompt chunk's queries see what the ring would hold had
+    the tokens come one at a time: ``ring_flushed`` must match the real flushes."""
+    args = dict(key_bits=2, value_bits=2, group_size=32, residual=residual, middle=48, quant="codebook")
+    cache = WindowCache(window=200, sinks=4, **args)
+    k, v = _data(300)
+    for t in range(300):
+        cache.update_and_fetch(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        lay = cache.layout
+        assert lay.ring_flushed(mx.array(max(t + 1 - lay.sinks, 0))).item() == lay.flushed
+        assert lay.mid_len < lay.middle + lay.middle_unit
+        if lay.flushed:  # once the ring has tokens, the middle stays full
+            assert lay.mid_len >= lay.middle

@@ -121,7 +121,8 @@ class CompressedCache:
         dtype = lay.sink_keys.dtype
         # the ring's arrays (and per-slot metadata) in use, in proportion to its filled slots
         ring_bytes = self.nbytes - lay.full_nbytes - lay.middle_nbytes
-        ring_used = ring_bytes * lay.ring_len // max(lay.alloc, 1) + lay.middle_nbytes
+        ring_used = (ring_bytes * lay.ring_len // max(lay.alloc, 1)
+                     + lay.middle_nbytes * lay.mid_len // max(lay.middle + lay.middle_unit, 1))
         quantized = {}
         for bits, n in ((ring_bits, ring), (lay.mkc and (lay.mkc.bits or lay.mvc.bits), lay.mid_len)):
             if bits and n:

@@ -11,9 +11,13 @@ coded direction. Nothing depends on the data, so there are no per-group scales a
 
 Storage of n slots (B batch, H kv heads, D head dim): the codes as bit planes of 4, 2 or 1
 bits (3 bits: a 2-bit plane and a 1-bit plane, so no code straddles two words), each
-(B, H, n, D * width / 32) uint32, then the scales (B, H, n, 1) float16. Attention works in
-the rotated space: queries are rotated (scores are unchanged by an orthonormal rotation),
-and the weighted sum of values is rotated back once per query row.
+(B, H, n, D * width / 32) uint32, then the scales (B, H, n, 1) float16; with the sketch,
+its sign words (B, H, n, D / 32) uint32 and norms (B, H, n, 1) float16; with ``outliers``
+k, each vector's k largest values kept exactly before the rotation (KVQuant's
+dense-and-sparse), their channels (B, H, n, k) uint8 and values (B, H, n, k) float16.
+Attention works in the rotated space: queries are rotated (scores are unchanged by an
+orthonormal rotation), and the weighted sum of values is rotated back once per query row;
+the outliers add q[channel] * value to a key's score.
 """
 
 from __future__ import annotations
@@ -70,6 +74,11 @@ def _pack(codes: mx.array, width: int) -> mx.array:
     return mx.sum(grouped << shifts, axis=-1).astype(mx.uint32)  # fields do not overlap
 
 
+def _hits(channel: mx.array, D: int) -> mx.array:
+    """(..., D) bool: the channels ``channel`` (..., k) names."""
+    return (mx.arange(D) == channel[..., None]).any(axis=-2)
+
+
 @lru_cache(maxsize=None)
 def _sketch_matrix(dim: int, seed: int) -> mx.array:
     """The Gaussian projection of the 1-bit residual sketch (D, D), seeded."""
@@ -80,11 +89,14 @@ def _sketch_matrix(dim: int, seed: int) -> mx.array:
 class CodebookCodec:
     """``sketch``: keys also keep TurboQuant's second stage, the signs of a Gaussian
     projection of what the codes missed (1 bit per element, plus that residual's norm),
-    which makes the inner products with queries unbiased (QJL)."""
+    which makes the inner products with queries unbiased (QJL). ``outliers``: keys keep
+    their ``outliers`` largest values exactly, the rest is coded (the key channels that
+    carry most of a head's energy no longer set every coordinate's scale)."""
 
     bits: int
     seed: int = 0
     sketch: bool = False
+    outliers: int = 0  # values per vector kept exactly (keys: scores only read them)
     axis = "token"
     block = 1
     group = 32  # tokens flushed from a residual at a time (see layout.flush_unit)
@@ -92,7 +104,7 @@ class CodebookCodec:
 
     @property
     def parts(self) -> int:
-        return len(PLANES[self.bits]) + 1 + 2 * self.sketch
+        return len(PLANES[self.bits]) + 1 + 2 * self.sketch + 2 * bool(self.outliers)
 
     @property
     def decodes_exactly(self) -> bool:
@@ -103,21 +115,32 @@ class CodebookCodec:
     def bytes_per_token(self, head_dim: int, dtype_size: int) -> float:
         """Bytes one token of one kv head takes: its codes and its float16 scale (and the
         sketch's sign bits and float16 norm)."""
-        return head_dim * self.bits / 8 + 2 + (head_dim / 8 + 2) * self.sketch
+        return (head_dim * self.bits / 8 + 2 + (head_dim / 8 + 2) * self.sketch
+                + 3 * self.outliers)
 
     def alloc(self, B, H, n, D, dtype):
         planes = tuple(mx.zeros((B, H, n, D * w // 32), mx.uint32) for w in PLANES[self.bits])
         sketch = (mx.zeros((B, H, n, D // 32), mx.uint32), mx.zeros((B, H, n, 1), mx.float16))
-        return planes + (mx.zeros((B, H, n, 1), mx.float16),) + (sketch if self.sketch else ())
+        k = self.outliers
+        outliers = (mx.zeros((B, H, n, k), mx.uint8), mx.zeros((B, H, n, k), mx.float16))
+        return (planes + (mx.zeros((B, H, n, 1), mx.float16),) + (sketch if self.sketch else ())
+                + (outliers if k else ()))
 
     def grow(self, state, extra):
         return tuple(mx.concatenate([a, mx.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype)], axis=2)
                      for a in state)
 
     def encode(self, x):
-        """x (B, H, n, D) float -> the codes' bit planes and the scales of those n tokens."""
+        """x (B, H, n, D) float -> the codes' bit planes and the scales of those n tokens
+        (then the sketch's and the outliers' arrays)."""
         D = x.shape[-1]
         levels, bounds, signs = _tables(self.bits, D, self.seed)
+        outliers = ()
+        if self.outliers:
+            channel = mx.argpartition(-mx.abs(x), kth=self.outliers - 1, axis=-1)[..., : self.outliers]
+            outliers = (channel.astype(mx.uint8),
+                        mx.take_along_axis(x, channel, axis=-1).astype(mx.float16))
+            x = mx.where(_hits(channel, D), 0.0, x)  # the rest is coded
         xr = rotate(x.astype(mx.float32), signs)
         norm = mx.sqrt(mx.sum(xr * xr, axis=-1, keepdims=True))
         u = xr * (np.sqrt(D) / mx.maximum(norm, 1e-30))
@@ -131,11 +154,11 @@ class CodebookCodec:
             low += width
         scale = (norm * fit / np.sqrt(D)).astype(mx.float16)
         if not self.sketch:
-            return (*planes, scale)
+            return (*planes, scale, *outliers)
         residual = xr - c * scale.astype(mx.float32)  # what the codes missed (rotated space)
         signs = (residual @ _sketch_matrix(D, self.seed).T > 0).astype(mx.uint32)
         rnorm = mx.sqrt(mx.sum(residual * residual, axis=-1, keepdims=True))
-        return (*planes, scale, _pack(signs, 1), rnorm.astype(mx.float16))
+        return (*planes, scale, _pack(signs, 1), rnorm.astype(mx.float16), *outliers)
 
     def write(self, state, slot, x):
         self.store(state, slot, self.encode(x), x.shape[2])
@@ -156,24 +179,52 @@ class CodebookCodec:
         return dict(planes=list(state[:k]), widths=PLANES[self.bits], scale=state[k],
                     levels=_tables(self.bits, self._dim(state), self.seed)[0])
 
+    def _extras(self, state) -> tuple[tuple | None, tuple | None]:
+        """(sketch words and norms, outlier channels and values): each None if not kept."""
+        at = len(PLANES[self.bits]) + 1
+        sketch = tuple(state[at : at + 2]) if self.sketch else None
+        outliers = tuple(state[-2:]) if self.outliers else None
+        return sketch, outliers
+
     def scores(self, q, state):
         D = q.shape[-1]
         qr = rotate(q, _tables(self.bits, D, self.seed)[2])
         out = codebook_scores(q=qr, **self._parts(state))
-        if not self.sketch:
+        sketch, outliers = self._extras(state)
+        if sketch is None and outliers is None:
             return out
-        # + |r| sqrt(pi/2) / D <S q, sign(S r)>: an unbiased estimate of <q, r>
-        words, rnorm = state[-2], state[-1]
-        signs = 2.0 * codes_of([words], (1,)).astype(mx.float32) - 1.0
-        sq = qr.astype(mx.float32) @ _sketch_matrix(D, self.seed).T
-        term = (sq @ signs.swapaxes(-1, -2)) * (rnorm.astype(mx.float32).swapaxes(-1, -2)
-                                                 * (np.sqrt(np.pi / 2) / D))
-        return (out.astype(mx.float32) + term).astype(out.dtype)
+        out = out.astype(mx.float32)
+        if sketch is not None:
+            # + |r| sqrt(pi/2) / D <S q, sign(S r)>: an unbiased estimate of <q, r>
+            words, rnorm = sketch
+            signs = 2.0 * codes_of([words], (1,)).astype(mx.float32) - 1.0
+            sq = qr.astype(mx.float32) @ _sketch_matrix(D, self.seed).T
+            out = out + (sq @ signs.swapaxes(-1, -2)) * (rnorm.astype(mx.float32).swapaxes(-1, -2)
+                                                         * (np.sqrt(np.pi / 2) / D))
+        if outliers is not None:
+            # + q[channel] * value for each kept value: a gather of M * n * k query entries
+            channel, value = outliers
+            B, H, M, _ = q.shape
+            n, k = channel.shape[2], channel.shape[3]
+            at = mx.broadcast_to(channel.reshape(B, H, 1, n * k).astype(mx.int32), (B, H, M, n * k))
+            picked = mx.take_along_axis(q.astype(mx.float32), at, axis=-1).reshape(B, H, M, n, k)
+            out = out + mx.sum(picked * value.astype(mx.float32)[:, :, None], axis=-1)
+        return out.astype(q.dtype)
 
     def weighted(self, p, state):
+        if self.outliers:
+            raise ValueError("outliers are kept for keys, which attention only scores")
         out = codebook_weighted(p=p, **self._parts(state))
         return unrotate(out, _tables(self.bits, self._dim(state), self.seed)[2])
 
     def decode(self, state):
         v = vectors_reference(**self._parts(state), dtype=mx.float32)
-        return unrotate(v, _tables(self.bits, self._dim(state), self.seed)[2])
+        v = unrotate(v, _tables(self.bits, self._dim(state), self.seed)[2])
+        _, outliers = self._extras(state)
+        if outliers is None:
+            return v
+        # the coded rest plus the kept values (as scores add them: the rest's coding error
+        # at those channels stays, so a key's decode and its scores agree)
+        channel, value = outliers
+        hit = mx.arange(v.shape[-1]) == channel.astype(mx.int32)[..., None]  # (B, H, n, k, D)
+        return v + mx.sum(mx.where(hit, value.astype(mx.float32)[..., None], 0.0), axis=-2)

@@ -174,12 +174,12 @@ QUANTS = ("affine", "codebook")
 
 
 def make_codec(bits: int | None, group_size: int, axis: str = "token", quant: str = "affine",
-               sketch: bool = False):
+               sketch: bool = False, outliers: int = 0):
     """Full precision without bits; else affine ``bits``-bit groups of ``group_size``, or
     (``quant="codebook"``, per token) ``CodebookCodec`` (``sketch``: with the residual's
-    sign sketch, for keys)."""
+    sign sketch; ``outliers``: that many values per vector kept exactly; both for keys)."""
     if bits is None:
         return FLOAT
     if quant == "codebook":
-        return CodebookCodec(bits=bits, sketch=sketch)
+        return CodebookCodec(bits=bits, sketch=sketch, outliers=outliers)
     return AffineCodec(bits=bits, group=group_size, axis=axis)

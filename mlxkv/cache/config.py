@@ -22,6 +22,7 @@ from .scored import ScoredCache
 from .window import WindowCache
 
 KEY_MODES = ("token", "channel")
+MAX_OUTLIERS = 8  # values kept exactly per key vector
 HADAMARD_BASES = (1, 12, 20, 28)
 
 
@@ -47,6 +48,9 @@ class CacheConfig:
       distribution: 2, 3 or 4 bits plus one float16 scale per vector; ``codebook.py``);
       ``sketch``: codebook keys also keep a 1-bit sign sketch of their residual (QJL:
       unbiased scores, +1 bit and a float16 norm per key);
+      ``outliers``: codebook keys keep their ``outliers`` largest values exactly (+3
+      bytes each: channel and float16 value), the rest is coded (KVQuant's
+      dense-and-sparse: a few key channels carry much of a head's energy);
       ``middle``: bits by token age: the ``middle`` tokens before the residual are kept at
       ``middle_bits`` (default 4, more than the ring's), the older ones at the ring's bits
       (e.g. 2-bit codebook with a 4-bit middle of 512 tokens); sides at full precision
@@ -80,6 +84,7 @@ class CacheConfig:
     allocator: str = "uniform"
     quant: str = "affine"
     sketch: bool = False
+    outliers: int = 0
     middle: int = 0
     middle_bits: int = 4
 
@@ -127,6 +132,12 @@ class CacheConfig:
                                 f"that is a multiple of 32 (got {head_dim})")
         if self.sketch and (self.quant != "codebook" or self.key_bits is None):
             problems.append("sketch applies to codebook keys (quant 'codebook' with key_bits)")
+        if self.outliers and (self.quant != "codebook" or self.key_bits is None):
+            problems.append("outliers apply to codebook keys (quant 'codebook' with key_bits)")
+        elif not 0 <= self.outliers <= MAX_OUTLIERS:
+            problems.append(f"outliers must be 0 to {MAX_OUTLIERS} per key (got {self.outliers})")
+        elif self.outliers and head_dim is not None and head_dim > 256:
+            problems.append(f"outliers need a head dim of at most 256 (got {head_dim})")
         if self.key_mode not in KEY_MODES:
             problems.append(f"key_mode must be one of {KEY_MODES} (got {self.key_mode!r})")
         if self.key_mode == "channel" and self.key_bits is None:
@@ -214,7 +225,9 @@ class CacheConfig:
             kb = f"{self.key_bits}-bit" if self.key_bits else "fp"
             vb = f"{self.value_bits}-bit" if self.value_bits else "fp"
             if self.quant == "codebook":
-                parts.append(f"K {kb}{' + sketch' if self.sketch else ''} V {vb} codebook")
+                extra = (" + sketch" if self.sketch else "") + (
+                    f" + {self.outliers} outlier{'s' * (self.outliers > 1)}" if self.outliers else "")
+                parts.append(f"K {kb}{extra} V {vb} codebook")
             else:
                 parts.append(f"K {kb} ({self.key_mode}) V {vb}, group {self.group_size or 'auto'}")
             if self.middle:
@@ -240,7 +253,8 @@ class CacheConfig:
             args = dict(window=window, sinks=self.sinks, key_bits=self.key_bits,
                         value_bits=self.value_bits, group_size=self.group_size,
                         key_mode=self.key_mode, residual=self.residual, rotate=self.rotate,
-                        quant=self.quant, sketch=self.sketch, middle=self.middle,
+                        quant=self.quant, sketch=self.sketch, outliers=self.outliers,
+                        middle=self.middle,
                         middle_bits=self.middle_bits, seed=self.seed + layer, budget=budget)
             if self.policy != "window" and self.allocator == "adaptive":
                 return AdaptiveScoredCache(policy=make_policy(self.policy), **args)
@@ -251,6 +265,7 @@ class CacheConfig:
             return QuantizedCache(key_bits=self.key_bits, value_bits=self.value_bits,
                                   group_size=self.group_size, key_mode=self.key_mode,
                                   quant=self.quant, sketch=self.sketch,
+                                  outliers=self.outliers,
                                   middle=self.middle, middle_bits=self.middle_bits,
                                   residual=self.residual, rotate=self.rotate,
                                   start=self.start, seed=self.seed + layer)
@@ -320,18 +335,20 @@ def budget_window(model, config: CacheConfig, per_layer: int, n_layers: int) -> 
     lay = make_layout(key_bits=config.key_bits, value_bits=config.value_bits,
                       group_size=config.group_size, key_mode=config.key_mode,
                       residual=config.residual, quant=config.quant, sketch=config.sketch,
-                      middle=config.middle, middle_bits=config.middle_bits)
+                      outliers=config.outliers, middle=config.middle,
+                      middle_bits=config.middle_bits)
     unit = lay.unit
     pair = lambda kc, vc: (token_bytes(kc, head_dim, kv_heads, dtype_size)  # noqa: E731
                            + token_bytes(vc, head_dim, kv_heads, dtype_size))
     full = 2 * kv_heads * head_dim * dtype_size  # one token's K and V at full precision
     fixed = (config.sinks + config.residual + unit) * full
     if lay.middle:
-        fixed += lay.middle * pair(lay.mkc, lay.mvc)
+        fixed += (lay.middle + lay.middle_unit) * pair(lay.mkc, lay.mvc)  # its buffer
     ring_token = pair(lay.kc, lay.vc)
     if config.policy != "window":
         ring_token += kv_heads * 8  # float32 score + int32 position per slot and head
-        fixed += (lay.held_back + unit) * kv_heads * 4  # float32 score of tokens not yet in it
+        # float32 score of each token not yet in it
+        fixed += (lay.held_back + unit + lay.middle_unit) * kv_heads * 4
     if config.allocator == "adaptive":
         ring_token += kv_heads * 4  # int32 head id per slot of the shared pool
     ring = int((per_layer - fixed) // ring_token) // unit * unit

@@ -125,11 +125,10 @@ class Positional(Eviction):
     def rule(self, layout):
         """A query of a prompt chunk sees the sinks and what the ring would still hold
         had the tokens come one at a time: chunked and token-by-token feeding agree."""
-        sinks, residual, unit, cap = layout.sinks, layout.held_back, layout.unit, self.capacity
+        sinks, cap = layout.sinks, self.capacity
 
         def within(kpos, qpos):
-            seen = qpos + 1 - sinks
-            flushed = mx.maximum(seen - residual, 0) // unit * unit
+            flushed = layout.ring_flushed(qpos + 1 - sinks)
             return (kpos < sinks) | (kpos >= sinks + mx.maximum(flushed - cap, 0))
 
         return within

@@ -9,8 +9,9 @@
   make room, is the eviction strategy's business (``mlxkv.cache.eviction``);
 - *middle* (optional, bits by token age): the M tokens before the residual in codecs of
   their own with more bits than the ring's (e.g. a 4-bit middle before a 2-bit ring). The
-  residual's flushed tokens enter it; when it holds more than M, its oldest leave for the
-  ring, decoded and coded again in the ring's codecs. Kept in position order.
+  residual's flushed tokens enter it; when it reaches M + V tokens (V = its own flush
+  unit, a group), its oldest whole units leave for the ring, decoded and coded again in
+  the ring's codecs. Kept in position order, in a buffer of M + V slots written in place.
 - *residual*: the most recent tokens at full precision. When it reaches R + U tokens,
   its oldest U tokens are flushed into the middle, or the ring when there is none.
 
@@ -29,16 +30,23 @@ from .codec import FLOAT, encode_pair, make_codec
 STEP = 256  # buffers grow in steps of this many tokens
 
 
-def flush_unit(key_codec, value_codec, residual: int, middle: tuple = ()) -> int:
-    """Tokens moved from the residual into the ring at a time: a codec's block (a group of
-    tokens for per-channel keys), or a group when there is a residual to flush.
-    ``middle``: the middle's codecs, if any."""
-    codecs = (key_codec, value_codec, *middle)
-    unit = max(c.block for c in codecs)
+def flush_unit(key_codec, value_codec, residual: int) -> int:
+    """Tokens moved from the residual into the ring (or middle) at a time: a codec's block
+    (a group of tokens for per-channel keys), or a group when there is a residual to
+    flush."""
+    unit = max(key_codec.block, value_codec.block)
     if unit == 1 and residual > 0:
         # Flush the residual a group at a time, not a token at a time.
-        unit = max(c.group for c in codecs if c.bits is not None)
+        unit = max(c.group for c in (key_codec, value_codec) if c.bits is not None)
     return unit
+
+
+def middle_unit(unit: int, middle_codecs: tuple) -> int:
+    """Tokens moved from the middle into the ring at a time: whole groups of its codecs
+    (not a token per step: each move decodes and codes again), and whole units of the
+    ring's."""
+    group = max(c.group for c in middle_codecs if c.bits is not None)
+    return max(unit, group)
 
 
 def _grown(a: mx.array, extra: int) -> mx.array:
@@ -48,11 +56,12 @@ def _grown(a: mx.array, extra: int) -> mx.array:
 
 def make_layout(*, key_bits: int | None, value_bits: int | None, group_size: int = 64,
                 key_mode: str = "token", residual: int = 0, sinks: int = 0, quant: str = "affine",
-                sketch: bool = False, middle: int = 0, middle_bits: int = 4) -> "Layout":
+                sketch: bool = False, outliers: int = 0, middle: int = 0,
+                middle_bits: int = 4) -> "Layout":
     """The layout of a cache's settings: the ring's codecs (``codec.make_codec``) and, with
     ``middle`` tokens, a middle of ``middle_bits`` per token in the same kind of codec
     (full precision where the ring is)."""
-    kc = make_codec(key_bits, group_size, key_mode, quant, sketch)
+    kc = make_codec(key_bits, group_size, key_mode, quant, sketch, outliers)
     vc = make_codec(value_bits, group_size, "token", quant)
     mid = tuple(FLOAT if c.bits is None else make_codec(middle_bits, group_size, "token", quant)
                 for c in (kc, vc)) if middle else ()
@@ -68,8 +77,9 @@ class Layout:
         self.kc, self.vc = key_codec, value_codec
         self.mkc, self.mvc = middle_codecs if middle else (None, None)
         self.sinks, self.residual = sinks, residual
-        self.unit = flush_unit(key_codec, value_codec, residual, middle_codecs if middle else ())
-        self.middle = -(-middle // self.unit) * self.unit  # whole flush units
+        self.unit = flush_unit(key_codec, value_codec, residual)
+        self.middle = middle
+        self.middle_unit = middle_unit(self.unit, middle_codecs) if middle else 0
         self.n_sinks = 0       # sink tokens held
         self.res_len = 0       # tokens held in the residual
         self.mid_len = 0       # tokens held in the middle
@@ -82,9 +92,17 @@ class Layout:
 
     @property
     def held_back(self) -> int:
-        """Tokens the residual and the middle keep from the ring (once filled, before
-        the residual's next flush)."""
+        """Tokens the residual and the middle keep from the ring (at least, once filled)."""
         return self.residual + self.middle
+
+    def ring_flushed(self, seen):
+        """Tokens (after the sinks) moved into the ring once ``seen`` tokens (after the
+        sinks; an int or an array) have come: what the residual flushed, less what the
+        middle holds."""
+        flushed = mx.maximum(seen - self.residual, 0) // self.unit * self.unit
+        if self.middle:
+            flushed = mx.maximum(flushed - self.middle, 0) // self.middle_unit * self.middle_unit
+        return flushed
 
     @property
     def empty(self) -> bool:
@@ -134,22 +152,36 @@ class Layout:
         without one, ``keys``/``values`` themselves."""
         if not self.middle:
             return keys, values
+        n = keys.shape[2]
         ek, ev = encode_pair(self.mkc, self.mvc, keys, values)
-        if self.mid_len:
-            join = lambda a, b: mx.concatenate([a, b], axis=2)  # noqa: E731
-            ek = tuple(map(join, self.mkc.slots(self.middle_keys, self.mid_len), ek))
-            ev = tuple(map(join, self.mvc.slots(self.middle_values, self.mid_len), ev))
-        total = self.mid_len + keys.shape[2]
-        out = max(0, total - self.middle)
-        older = lambda parts: tuple(a[..., :out, :] for a in parts)  # noqa: E731
-        newer = lambda parts: tuple(a[..., out:, :] for a in parts)  # noqa: E731
-        leaving = (keys[..., :0, :], values[..., :0, :])
-        if out:
-            leaving = (self.mkc.decode(older(ek)).astype(keys.dtype),
-                       self.mvc.decode(older(ev)).astype(values.dtype))
-        self.middle_keys, self.middle_values = newer(ek), newer(ev)
+        cap = self.middle + self.middle_unit
+        total = self.mid_len + n
+        if self.middle_keys is None:
+            self._new_middle(keys, values)
+        if total < cap:  # room: written in place
+            self.mkc.store(self.middle_keys, self.mid_len, ek, n)
+            self.mvc.store(self.middle_values, self.mid_len, ev, n)
+            self.mid_len = total
+            return keys[..., :0, :], values[..., :0, :]
+        # the oldest whole units beyond ``middle`` leave; the rest goes to a new buffer
+        out = (total - self.middle) // self.middle_unit * self.middle_unit
+        join = lambda a, b: mx.concatenate([a, b], axis=2)  # noqa: E731
+        ek = tuple(map(join, self.mkc.slots(self.middle_keys, self.mid_len), ek))
+        ev = tuple(map(join, self.mvc.slots(self.middle_values, self.mid_len), ev))
+        leaving = (self.mkc.decode(tuple(a[..., :out, :] for a in ek)).astype(keys.dtype),
+                   self.mvc.decode(tuple(a[..., :out, :] for a in ev)).astype(values.dtype))
+        self._new_middle(keys, values)
         self.mid_len = total - out
+        self.mkc.store(self.middle_keys, 0, tuple(a[..., out:, :] for a in ek), self.mid_len)
+        self.mvc.store(self.middle_values, 0, tuple(a[..., out:, :] for a in ev), self.mid_len)
         return leaving
+
+    def _new_middle(self, like_k: mx.array, like_v: mx.array) -> None:
+        """An empty middle buffer of ``middle + middle_unit`` slots."""
+        B, H, _, Dk = like_k.shape
+        cap = self.middle + self.middle_unit
+        self.middle_keys = self.mkc.alloc(B, H, cap, Dk, like_k.dtype)
+        self.middle_values = self.mvc.alloc(B, H, cap, like_v.shape[3], like_v.dtype)
 
     def middle_slots(self) -> tuple[tuple, tuple]:
         n = self.mid_len
@@ -244,5 +276,5 @@ class Layout:
         """The counters fit inside the arrays (a check on a loaded cache)."""
         return (self.n_sinks <= self.sink_keys.shape[2] and self.res_len <= self.residual_keys.shape[2]
                 and self.ring_len <= self.alloc and (self.ring_len == 0 or self.ring_keys is not None)
-                and self.mid_len <= self.middle
+                and self.mid_len < max(self.middle + self.middle_unit, 1)
                 and (self.mid_len == 0 or self.middle_keys is not None))

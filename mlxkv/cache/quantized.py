@@ -14,8 +14,8 @@ class QuantizedCache(CompressedCache):
     def __init__(self, *, key_bits: int = 4, value_bits: int = 4, group_size: int = 64,
                  key_mode: str = "token", residual: int = 0, rotate: bool = False,
                  start: int = 0, seed: int = 0, quant: str = "affine", sketch: bool = False,
-                 middle: int = 0, middle_bits: int = 4):
+                 outliers: int = 0, middle: int = 0, middle_bits: int = 4):
         layout = make_layout(key_bits=key_bits, value_bits=value_bits, group_size=group_size,
                              key_mode=key_mode, residual=residual, quant=quant, sketch=sketch,
-                             middle=middle, middle_bits=middle_bits)
+                             outliers=outliers, middle=middle, middle_bits=middle_bits)
         super().__init__(layout=layout, eviction=Append(), start=start, rotate=rotate, seed=seed)

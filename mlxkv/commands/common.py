@@ -14,7 +14,7 @@ from ..policies import known_policies
 # --kv-* flag -> the word mlxkv.settings reads (a CacheConfig field, or bits/max_kv_size)
 CACHE_FLAGS = ("kv_bits", "kv_key_bits", "kv_value_bits", "kv_group_size", "kv_key_mode",
                "kv_residual", "kv_rotate", "kv_window", "kv_sinks", "kv_start", "kv_budget",
-               "kv_policy", "kv_allocator", "kv_quant", "kv_sketch", "kv_middle", "kv_middle_bits",
+               "kv_policy", "kv_allocator", "kv_quant", "kv_sketch", "kv_outliers", "kv_middle", "kv_middle_bits",
                "max_kv_size")
 
 # What `mlxkv chat` uses when no budget, window or bits are given: the conversation goes
@@ -51,6 +51,9 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-sketch", action="store_true", default=None,
                    help="codebook keys also keep a 1-bit sign sketch of their residual "
                         "(unbiased scores, +1 bit per element)")
+    g.add_argument("--kv-outliers", type=int, default=None, metavar="N",
+                   help="codebook keys keep their N largest values exactly (+3 bytes each; "
+                        "1 costs 0.375 bits per element at head dim 64)")
     g.add_argument("--kv-key-mode", choices=KEY_MODES, default=None,
                    help="group keys per token or per channel (KIVI)")
     g.add_argument("--kv-residual", type=int, default=None,
