@@ -41,9 +41,11 @@ def cache_factories(model, window: int = 512) -> dict[str, Callable[[], list]]:
         "mlxkv codebook K4 V2": mlxkv(key_bits=4, value_bits=2, quant="codebook"),
         "mlxkv codebook K3 V2": mlxkv(key_bits=3, value_bits=2, quant="codebook"),
         "mlxkv codebook K2+sketch V2": mlxkv(key_bits=2, value_bits=2, quant="codebook", sketch=True),
-        # bits by token age: the 512 tokens before the newest at 4 bits, older ones at 3 or 2
+        # bits by token age: the newest tokens at more bits than the older ones
         "mlxkv 3-bit codebook, 4-bit middle 512": mlxkv(key_bits=3, value_bits=3, quant="codebook",
                                                         middle=512),
-        "mlxkv 2-bit codebook, 4-bit middle 448": mlxkv(key_bits=2, value_bits=2, quant="codebook",
-                                                        middle=448),
+        "mlxkv 2-bit codebook, 3-bit middle 768": mlxkv(key_bits=2, value_bits=2, quant="codebook",
+                                                        middle=768, middle_bits=3),
+        "mlxkv 3-bit codebook, 1 outlier": mlxkv(key_bits=3, value_bits=3, quant="codebook",
+                                                 outliers=1),
     }

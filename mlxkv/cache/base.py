@@ -9,11 +9,11 @@
   a decode step (``fused.py``, whose ``fused_inputs`` is the one place that decides).
 
 The cache itself does the bookkeeping between them: new tokens go to the sinks, then the
-residual; whole flush units leave the residual for the middle and the ring. A chunk of L > 1 new tokens
-(chunked prefill) stays pending until its attention is done, and each query sees what it
-would have seen had the tokens come one at a time (a positional ring's ``rule``), so
-memory stays bounded by the cache plus one chunk. Keys may be rotated by a randomized
-Hadamard transform (queries get the same rotation, so scores are unchanged).
+residual; whole flush units leave the residual for the middle and the ring. A chunk of
+L > 1 new tokens (chunked prefill) stays pending until its attention is done, and each
+query sees what it would have seen had the tokens come one at a time (a positional ring's
+``rule``), so memory stays bounded by the cache plus one chunk. Keys may be rotated by a
+randomized Hadamard transform (queries get the same rotation, so scores are unchanged).
 
 The cache classes users make (``QuantizedCache``, ``WindowCache``, ``ScoredCache``,
 ``AdaptiveScoredCache``) only choose the parts.
@@ -124,7 +124,7 @@ class CompressedCache:
         ring_used = (ring_bytes * lay.ring_len // max(lay.alloc, 1)
                      + lay.middle_nbytes * lay.mid_len // max(lay.middle + lay.middle_unit, 1))
         quantized = {}
-        for bits, n in ((ring_bits, ring), (lay.mkc and (lay.mkc.bits or lay.mvc.bits), lay.mid_len)):
+        for bits, n in ((ring_bits, ring), (lay.middle_bits, lay.mid_len)):
             if bits and n:
                 quantized[bits] = quantized.get(bits, 0) + n
         return LayerStats(

@@ -91,6 +91,11 @@ class Layout:
         self.middle_keys = self.middle_values = None  # tuples: the middle codecs' storage
 
     @property
+    def middle_bits(self) -> int | None:
+        """Bits of the middle's quantized side (None: no middle)."""
+        return (self.mkc.bits or self.mvc.bits) if self.middle else None
+
+    @property
     def held_back(self) -> int:
         """Tokens the residual and the middle keep from the ring (at least, once filled)."""
         return self.residual + self.middle

@@ -29,10 +29,13 @@ def write_json(path: str, rows: list[EvalRow], meta: dict) -> None:
 
 def family(config: str) -> str | None:
     """The line a config belongs to on the frontier plot (None: a point of its own):
-    mlx-lm's quantized caches, mlxkv's affine ones, its codebook ones."""
+    mlx-lm's quantized caches, mlxkv's affine ones, its codebook ones, and its codebook
+    ones with a middle of the same bits (bits by token age)."""
     if config.startswith("mlx-lm Quantized"):
         return "mlx-lm affine"
-    words = config.split()
+    words = config.replace(",", "").split()
+    if "codebook" in words and "middle" in words:  # "..., N-bit middle M"
+        return f"mlxkv codebook + {words[words.index('middle') - 1]} middle"
     if "codebook" in words and len(words) > 2 and words[1].endswith("-bit"):  # same K and V bits
         return "mlxkv codebook"
     if (len(words) in (2, 3) and words[0] == "mlxkv" and words[1].endswith("-bit")
