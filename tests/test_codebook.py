@@ -240,15 +240,22 @@ def test_codebook_kernels_match_their_references(metal_sim, bits, dtype, n, M):
     assert mx.abs(got_w.astype(mx.float32) - want_w).max().item() <= tol * (1 + mx.abs(want_w).max().item())
 
 
-def test_a_codebook_cache_decodes_alike_on_the_kernels_and_the_reference(metal_sim, monkeypatch):
+@pytest.mark.parametrize("config", [
+    CacheConfig(key_bits=3, value_bits=2, quant="codebook"),
+    # a 4-bit middle before the ring, keys with an outlier kept
+    CacheConfig(key_bits=2, value_bits=2, quant="codebook", middle=32, outliers=1),
+])
+def test_a_codebook_cache_decodes_alike_on_the_kernels_and_the_reference(metal_sim, monkeypatch,
+                                                                        config):
     model = tiny_model("llama")
     prompt = mx.array(list(range(40, 140)))[None]
     outs = {}
     for mode in ("reference", "metal"):
         monkeypatch.setenv("MLXKV_KERNELS", mode)
-        cache = make_cache(model, CacheConfig(key_bits=3, value_bits=2, quant="codebook"))
+        cache = make_cache(model, config)
         model(prompt, cache=cache)
         outs[mode] = model(mx.array([[5]]), cache=cache)
+        assert cache[0].layout.ring_len and (cache[0].layout.mid_len or not config.middle)
     assert mx.allclose(outs["metal"], outs["reference"], atol=1e-4).item()
     if metal_sim is not None:
         assert metal_sim.launches["codebook_scores"] > 0 and metal_sim.launches["codebook_weighted"] > 0
