@@ -127,6 +127,7 @@ def test_frontier_plot_lines_families_and_keeps_every_point_inside(tmp_path):
     assert family("mlxkv codebook K3 V2") is None and family("mlxkv window 512") is None
     assert family("mlxkv 2-bit codebook, 4-bit middle 256") == "mlxkv codebook + 4-bit middle"
     assert family("mlxkv 2-bit codebook, 3-bit middle 768") == "mlxkv codebook + 3-bit middle"
+    assert family("mlxkv 3-bit codebook, 1 outlier") is None
     rows = [EvalRow(config=c, kv_bytes=1, bits_per_element=b, ppl=1.0, ppl_delta_pct=d, kld=0.0, top1=1.0)
             for c, b, d in (("mlx-lm KVCache", 32.01, 0.0), ("mlxkv 2-bit codebook", 2.26, 10.3),
                             ("mlx-lm Rotating 512", 47.9, 71.8), ("mlxkv 3-bit codebook", 3.26, -0.2))]

@@ -36,7 +36,7 @@ def family(config: str) -> str | None:
     words = config.replace(",", "").split()
     if "codebook" in words and "middle" in words:  # "..., N-bit middle M"
         return f"mlxkv codebook + {words[words.index('middle') - 1]} middle"
-    if "codebook" in words and len(words) > 2 and words[1].endswith("-bit"):  # same K and V bits
+    if len(words) == 3 and words[2] == "codebook" and words[1].endswith("-bit"):  # same K, V bits
         return "mlxkv codebook"
     if (len(words) in (2, 3) and words[0] == "mlxkv" and words[1].endswith("-bit")
             and words[2:] in ([], ["rotated"])):
