@@ -179,3 +179,20 @@ def test_the_prefill_rule_knows_what_the_ring_holds_after_any_token(residual):
         assert lay.mid_len < lay.middle + lay.middle_unit
         if lay.flushed:  # once the ring has tokens, the middle stays full
             assert lay.mid_len >= lay.middle
+
+
+@pytest.mark.parametrize("allocator", ["adaptive", "pyramid"])
+def test_allocators_split_a_budget_with_a_middle(allocator):
+    """AdaKV's shared pool and PyramidKV's split work behind a middle: every layer keeps
+    its middle, evicts from its ring, and the whole cache stays in the budget."""
+    model = tiny_model("llama")
+    budget = 80_000
+    cache = make_cache(model, CacheConfig(budget=budget, key_bits=2, value_bits=2, quant="codebook",
+                                          middle=64, policy="snapkv", allocator=allocator))
+    tokens = mx.array([5 + (i * 7) % 500 for i in range(1500)])[None]
+    for i in range(0, 1500, 100):
+        model(tokens[:, i:i + 100], cache=cache)
+        assert mlxkv.cache_stats(cache).nbytes <= budget
+    for layer in mlxkv.cache_stats(cache).layers:
+        assert layer.seen == 1500 and layer.kept + layer.evicted == 1500 and layer.evicted > 0
+        assert 64 <= layer.kept_quantized[4] < 64 + 32
