@@ -122,7 +122,7 @@ class CompressedCache:
         # the ring's arrays (and per-slot metadata) in use, in proportion to its filled slots
         ring_bytes = self.nbytes - lay.full_nbytes - lay.middle_nbytes
         ring_used = (ring_bytes * lay.ring_len // max(lay.alloc, 1)
-                     + lay.middle_nbytes * lay.mid_len // max(lay.middle + lay.middle_unit, 1))
+                     + lay.middle_nbytes * lay.mid_len // max(lay.middle_capacity, 1))
         quantized = {}
         for bits, n in ((ring_bits, ring), (lay.middle_bits, lay.mid_len)):
             if bits and n:

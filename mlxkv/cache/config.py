@@ -246,29 +246,27 @@ class CacheConfig:
             parts.append(f"policy {self.policy}")
         return ", ".join(parts)
 
+    def layout_settings(self) -> dict:
+        """The settings that shape a layer's storage (``layout.make_layout``'s words)."""
+        return dict(key_bits=self.key_bits, value_bits=self.value_bits,
+                    group_size=self.group_size, key_mode=self.key_mode, residual=self.residual,
+                    quant=self.quant, sketch=self.sketch, outliers=self.outliers,
+                    middle=self.middle, middle_bits=self.middle_bits)
+
     def layer_cache(self, layer: int, window: int | None = None, budget: int | None = None):
         """The cache of one layer; a budgeted layer gets the window its ``budget`` holds."""
         window = window or self.window
         if window is not None:
-            args = dict(window=window, sinks=self.sinks, key_bits=self.key_bits,
-                        value_bits=self.value_bits, group_size=self.group_size,
-                        key_mode=self.key_mode, residual=self.residual, rotate=self.rotate,
-                        quant=self.quant, sketch=self.sketch, outliers=self.outliers,
-                        middle=self.middle,
-                        middle_bits=self.middle_bits, seed=self.seed + layer, budget=budget)
+            args = dict(window=window, sinks=self.sinks, **self.layout_settings(),
+                        rotate=self.rotate, seed=self.seed + layer, budget=budget)
             if self.policy != "window" and self.allocator == "adaptive":
                 return AdaptiveScoredCache(policy=make_policy(self.policy), **args)
             if self.policy != "window":
                 return ScoredCache(policy=make_policy(self.policy), **args)
             return WindowCache(**args)
         if self.quantized:
-            return QuantizedCache(key_bits=self.key_bits, value_bits=self.value_bits,
-                                  group_size=self.group_size, key_mode=self.key_mode,
-                                  quant=self.quant, sketch=self.sketch,
-                                  outliers=self.outliers,
-                                  middle=self.middle, middle_bits=self.middle_bits,
-                                  residual=self.residual, rotate=self.rotate,
-                                  start=self.start, seed=self.seed + layer)
+            return QuantizedCache(**self.layout_settings(), rotate=self.rotate, start=self.start,
+                                  seed=self.seed + layer)
         return FullCache()
 
 
@@ -332,18 +330,14 @@ def budget_window(model, config: CacheConfig, per_layer: int, n_layers: int) -> 
     head_dim = model_head_dim(model)
     kv_heads = model_kv_heads(model)
     dtype_size = model_dtype(model).size
-    lay = make_layout(key_bits=config.key_bits, value_bits=config.value_bits,
-                      group_size=config.group_size, key_mode=config.key_mode,
-                      residual=config.residual, quant=config.quant, sketch=config.sketch,
-                      outliers=config.outliers, middle=config.middle,
-                      middle_bits=config.middle_bits)
+    lay = make_layout(**config.layout_settings())
     unit = lay.unit
     pair = lambda kc, vc: (token_bytes(kc, head_dim, kv_heads, dtype_size)  # noqa: E731
                            + token_bytes(vc, head_dim, kv_heads, dtype_size))
     full = 2 * kv_heads * head_dim * dtype_size  # one token's K and V at full precision
     fixed = (config.sinks + config.residual + unit) * full
     if lay.middle:
-        fixed += (lay.middle + lay.middle_unit) * pair(lay.mkc, lay.mvc)  # its buffer
+        fixed += lay.middle_capacity * pair(lay.mkc, lay.mvc)  # its buffer
     ring_token = pair(lay.kc, lay.vc)
     if config.policy != "window":
         ring_token += kv_heads * 8  # float32 score + int32 position per slot and head

@@ -96,6 +96,11 @@ class Layout:
         return (self.mkc.bits or self.mvc.bits) if self.middle else None
 
     @property
+    def middle_capacity(self) -> int:
+        """Slots of the middle's buffer: ``middle`` and one unit it flushes (0: none)."""
+        return self.middle + self.middle_unit
+
+    @property
     def held_back(self) -> int:
         """Tokens the residual and the middle keep from the ring (at least, once filled)."""
         return self.residual + self.middle
@@ -159,11 +164,10 @@ class Layout:
             return keys, values
         n = keys.shape[2]
         ek, ev = encode_pair(self.mkc, self.mvc, keys, values)
-        cap = self.middle + self.middle_unit
         total = self.mid_len + n
         if self.middle_keys is None:
             self._new_middle(keys, values)
-        if total < cap:  # room: written in place
+        if total < self.middle_capacity:  # room: written in place
             self.mkc.store(self.middle_keys, self.mid_len, ek, n)
             self.mvc.store(self.middle_values, self.mid_len, ev, n)
             self.mid_len = total
@@ -182,9 +186,9 @@ class Layout:
         return leaving
 
     def _new_middle(self, like_k: mx.array, like_v: mx.array) -> None:
-        """An empty middle buffer of ``middle + middle_unit`` slots."""
+        """An empty middle buffer of ``middle_capacity`` slots."""
         B, H, _, Dk = like_k.shape
-        cap = self.middle + self.middle_unit
+        cap = self.middle_capacity
         self.middle_keys = self.mkc.alloc(B, H, cap, Dk, like_k.dtype)
         self.middle_values = self.mvc.alloc(B, H, cap, like_v.shape[3], like_v.dtype)
 
@@ -281,5 +285,5 @@ class Layout:
         """The counters fit inside the arrays (a check on a loaded cache)."""
         return (self.n_sinks <= self.sink_keys.shape[2] and self.res_len <= self.residual_keys.shape[2]
                 and self.ring_len <= self.alloc and (self.ring_len == 0 or self.ring_keys is not None)
-                and self.mid_len < max(self.middle + self.middle_unit, 1)
+                and self.mid_len < max(self.middle_capacity, 1)
                 and (self.mid_len == 0 or self.middle_keys is not None))

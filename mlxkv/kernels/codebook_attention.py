@@ -133,11 +133,19 @@ def _words(planes, widths):
     return planes[0].reshape(*lead, -1, A, 1), planes[1].reshape(*lead, -1, 1, 1)
 
 
+@lru_cache(maxsize=None)
+def _terms(levels: tuple[float, ...], bits: int) -> tuple[tuple, mx.array]:
+    """``walsh`` of a table, once per table (the references run per layer and step)."""
+    subsets, coef = walsh(np.array(levels, np.float64), bits)
+    return subsets, mx.array(coef)
+
+
 def unscaled_vectors(*, planes, widths, levels) -> mx.array:
     """levels[codes] (B, H, n, D) float32: the coded directions, before each slot's scale."""
-    subsets, coef = walsh(np.array(levels, np.float64)[: 2 ** sum(widths)], sum(widths))
+    bits = sum(widths)
+    subsets, coef = _terms(tuple(np.array(levels).tolist()[: 2 ** bits]), bits)
     words0, words1 = _words(planes, widths)
-    out = _expansion(tuple(widths), subsets)(words0, words1, mx.array(coef))
+    out = _expansion(tuple(widths), subsets)(words0, words1, coef)
     return out.reshape(*planes[0].shape[:-1], -1)
 
 
