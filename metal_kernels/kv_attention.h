@@ -1,28 +1,64 @@
-// Shared helpers of mlxkv's compressed-cache attention kernels (the `header` of
-// sdpa_quantized*.metal). Layouts are those of mlxkv.cache.codec:
+// Shared helpers of mlxkv's compressed-cache attention kernels (the header of
+// sdpa_quantized*.metal, after affine.h). Layouts are those of mlxkv.cache.codec:
 //   per-token codes  (B, H, A, W)  W = dim * bits / 32 uint32 words per token,
 //                    scales/biases (B, H, A, dim / group);
 //   per-channel keys (B, H, D, A * bits / 32) words, scales/biases (B, H, D, A / group),
 // where A is the allocated ring length; codes are an LSB-first bit stream, the layout
 // mx.quantize produces for 2, 3, 4 and 8 bits. value = scale * code + bias.
 
-// The `bits`-bit code starting at bit `bit` of the stream at `p`.
-inline uint mlxkv_code(const device uint8_t* p, uint bit, uint bits) {
-  uint at = bit >> 3;
-  uint shift = bit & 7;
-  uint v = p[at];
-  if (shift + bits > 8) {
-    v |= uint(p[at + 1]) << 8;
+#define MLXKV_TILE 4  // tokens a simdgroup scores before one softmax update
+
+// Quantize one token's DX values (lane l owns values l*DX/32 ..) in groups of G lanes'
+// values, as quantize_rows does: this lane's dequantized values go to `deq` (through the
+// stored, T-rounded scale and bias, as a reader of the codes sees them); with `write` the
+// codes, scales and biases go to w/s/b. Called by one whole simdgroup; `codes` is DX
+// bytes of threadgroup scratch.
+template <typename T, int DX, int BITS, int G>
+void mlxkv_quantize_token(const device T* x, uint lane, threadgroup float* deq,
+                          threadgroup uint8_t* codes, bool write, device uint32_t* w,
+                          device T* s, device T* b) {
+  constexpr int E = DX / 32;
+  float v[E];
+  float lo = float(x[lane * E]), hi = lo;
+  for (int e = 0; e < E; e++) {
+    v[e] = float(x[lane * E + e]);
+    lo = min(lo, v[e]);
+    hi = max(hi, v[e]);
   }
-  return (v >> shift) & ((1u << bits) - 1u);
+  for (ushort off = 1; off < ushort(G / E); off <<= 1) {  // the G / E lanes of the group
+    lo = min(lo, simd_shuffle_xor(lo, off));
+    hi = max(hi, simd_shuffle_xor(hi, off));
+  }
+  mlxkv_affine sb = mlxkv_affine_params(lo, hi, BITS);
+  T st = static_cast<T>(sb.scale);
+  T bt = static_cast<T>(sb.bias);
+  int d0 = int(lane) * E;
+  for (int e = 0; e < E; e++) {
+    uint code = mlxkv_affine_code(v[e], sb, BITS);
+    codes[d0 + e] = uint8_t(code);
+    deq[d0 + e] = float(st) * float(code) + float(bt);
+  }
+  if (write && d0 % G == 0) {
+    s[d0 / G] = st;
+    b[d0 / G] = bt;
+  }
+  simdgroup_barrier(mem_flags::mem_threadgroup);
+  if (write) {
+    for (int word = int(lane); word < DX * BITS / 32; word += 32) {
+      w[word] = mlxkv_pack_word(codes, DX, BITS, word);
+    }
+  }
+  simdgroup_barrier(mem_flags::mem_threadgroup);  // `codes` may be reused at once
 }
 
 // Online softmax attention of the R query heads of one GQA group (rows at the same
 // position, `qstride` apart) over tokens [t0, t1) of a cache made of nq quantized ring
 // slots followed by nf full-precision tokens (of which the first `visible_f` are visible
 // to these rows). Each key and value element is read and dequantized once and serves all
-// R heads. The BN simdgroups of the threadgroup take tokens in turn; each lane owns D/32
-// query elements and DV/32 output elements of every head.
+// R heads. The BN simdgroups of the threadgroup take tokens in turn, MLXKV_TILE at a time
+// (one max/rescale per tile and head); each lane owns D/32 query elements and DV/32
+// output elements of every head. Ring slot `slot` (-1: none) is read from `tk`/`tv`
+// (a new token, dequantized in threadgroup memory) instead of its stored codes.
 // On return, simdgroup 0 holds per head r the block's max score `m_out[r]`, normalizer
 // `l_out[r]` and unnormalized output `o_out[r * DV/32 ..]` (m = -inf, l = 0 when no token
 // is visible). With STATS, head r's scaled score of every token of the range goes to
@@ -34,16 +70,25 @@ void mlxkv_attend_block(
     const device uint32_t* kw, const device T* ks, const device T* kb,
     const device uint32_t* vw, const device T* vs, const device T* vb,
     const device T* kf, const device T* vf,
-    int nq, int alloc, int visible_f, int t0, int t1, uint lane, uint sg,
+    int nq, int alloc, int visible_f, int t0, int t1, int slot,
+    const threadgroup float* tk, const threadgroup float* tv, uint lane, uint sg,
     threadgroup float* tm, threadgroup float* tl, threadgroup float* to,
     device float* scores, int sstride, thread float* m_out, thread float* l_out,
     thread float* o_out) {
   constexpr int E = D / 32;
   constexpr int EV = DV / 32;
+  const int d0 = int(lane) * E;    // this lane's first key element
+  const int dv0 = int(lane) * EV;  // and value element
+  // The query, pre-scaled, and per head the sum of this lane's elements: a per-token key
+  // group is constant over a lane's elements (E divides the group), so its bias comes
+  // out of the dot product: sum(q * (s * c + b)) = s * sum(q * c) + b * sum(q).
   float qe[R * E];
+  float qsum[R];
   for (int r = 0; r < R; r++) {
+    qsum[r] = 0.0f;
     for (int e = 0; e < E; e++) {
-      qe[r * E + e] = float(q[r * qstride + lane * E + e]) * scale;
+      qe[r * E + e] = float(q[r * qstride + d0 + e]) * scale;
+      qsum[r] += qe[r * E + e];
     }
   }
   float m[R];
@@ -56,64 +101,119 @@ void mlxkv_attend_block(
       o[r * EV + e] = 0.0f;
     }
   }
-  for (int t = t0 + int(sg); t < t1; t += BN) {
-    bool quant = t < nq;
-    if (!quant && t - nq >= visible_f) {
-      if (STATS && lane == 0) {
+  for (int base = t0 + int(sg); base < t1; base += BN * MLXKV_TILE) {
+    // scores of the tile's tokens (every lane holds them after simd_sum)
+    float s[MLXKV_TILE * R];
+    for (int j = 0; j < MLXKV_TILE; j++) {
+      int t = base + j * BN;
+      bool quant = t < nq;
+      if (t >= t1 || (!quant && t - nq >= visible_f)) {  // uniform across the simdgroup
         for (int r = 0; r < R; r++) {
-          scores[r * sstride + t] = -INFINITY;
+          s[j * R + r] = -INFINITY;
         }
-      }
-      continue;  // uniform across the simdgroup: every lane has the same t
-    }
-    float k[E];
-    if (quant) {
-      for (int e = 0; e < E; e++) {
-        int d = int(lane) * E + e;
-        uint code;
-        int g;
-        if (KCH) {
-          code = mlxkv_code((const device uint8_t*)(kw + d * (alloc * KB / 32)), uint(t * KB), KB);
-          g = d * (alloc / KG) + t / KG;
-        } else {
-          code = mlxkv_code((const device uint8_t*)(kw + t * (D * KB / 32)), uint(d * KB), KB);
-          g = t * (D / KG) + d / KG;
+        if (STATS && lane == 0 && t < t1) {
+          for (int r = 0; r < R; r++) {
+            scores[r * sstride + t] = -INFINITY;
+          }
         }
-        k[e] = float(ks[g]) * float(code) + float(kb[g]);
+        continue;
       }
-    } else {
-      const device T* kp = kf + (t - nq) * D + lane * E;
-      for (int e = 0; e < E; e++) {
-        k[e] = float(kp[e]);
-      }
-    }
-    float v[EV];
-    for (int e = 0; e < EV; e++) {
-      int d = int(lane) * EV + e;
-      if (quant) {
-        uint code = mlxkv_code((const device uint8_t*)(vw + t * (DV * VB / 32)), uint(d * VB), VB);
-        int g = t * (DV / VG) + d / VG;
-        v[e] = float(vs[g]) * float(code) + float(vb[g]);
+      float part[R];
+      if (quant && t != slot && !KCH) {  // codes: word loads, the bias factored out
+        const device uint32_t* kt = kw + t * (D * KB / 32);
+        int g = t * (D / KG) + d0 / KG;
+        float ksc = float(ks[g]);
+        float kbi = float(kb[g]);
+        float c[E];
+        for (int e = 0; e < E; e++) {
+          c[e] = float(mlxkv_code(kt, uint((d0 + e) * KB), KB));
+        }
+        for (int r = 0; r < R; r++) {
+          float dot = 0.0f;
+          for (int e = 0; e < E; e++) {
+            dot += qe[r * E + e] * c[e];
+          }
+          part[r] = ksc * dot + kbi * qsum[r];
+        }
       } else {
-        v[e] = float(vf[(t - nq) * DV + d]);
+        float k[E];
+        for (int e = 0; e < E; e++) {
+          int d = d0 + e;
+          if (!quant) {
+            k[e] = float(kf[(t - nq) * D + d]);
+          } else if (t == slot) {
+            k[e] = tk[d];
+          } else {  // per channel: codes along the tokens, a group per channel
+            uint code = mlxkv_code(kw + d * (alloc * KB / 32), uint(t * KB), KB);
+            int g = d * (alloc / KG) + t / KG;
+            k[e] = float(ks[g]) * float(code) + float(kb[g]);
+          }
+        }
+        for (int r = 0; r < R; r++) {
+          part[r] = 0.0f;
+          for (int e = 0; e < E; e++) {
+            part[r] += qe[r * E + e] * k[e];
+          }
+        }
+      }
+      for (int r = 0; r < R; r++) {
+        s[j * R + r] = simd_sum(part[r]);
+        if (STATS && lane == 0) {
+          scores[r * sstride + t] = s[j * R + r];
+        }
       }
     }
+    // one softmax update per head for the whole tile
+    float p[MLXKV_TILE * R];
     for (int r = 0; r < R; r++) {
-      float part = 0.0f;
-      for (int e = 0; e < E; e++) {
-        part += qe[r * E + e] * k[e];
+      float m_new = m[r];
+      for (int j = 0; j < MLXKV_TILE; j++) {
+        m_new = max(m_new, s[j * R + r]);
       }
-      float s = simd_sum(part);
-      if (STATS && lane == 0) {
-        scores[r * sstride + t] = s;
+      if (m_new == -INFINITY) {  // nothing visible yet for this head
+        for (int j = 0; j < MLXKV_TILE; j++) {
+          p[j * R + r] = 0.0f;
+        }
+        continue;
       }
-      float m_new = max(m[r], s);
-      float factor = exp(m[r] - m_new);
-      float p = exp(s - m_new);
-      l[r] = l[r] * factor + p;
-      m[r] = m_new;
+      float factor = fast::exp(m[r] - m_new);
+      l[r] *= factor;
       for (int e = 0; e < EV; e++) {
-        o[r * EV + e] = o[r * EV + e] * factor + p * v[e];
+        o[r * EV + e] *= factor;
+      }
+      for (int j = 0; j < MLXKV_TILE; j++) {
+        p[j * R + r] = fast::exp(s[j * R + r] - m_new);  // 0 for an invisible token
+        l[r] += p[j * R + r];
+      }
+      m[r] = m_new;
+    }
+    for (int j = 0; j < MLXKV_TILE; j++) {
+      int t = base + j * BN;
+      if (t >= t1 || (t >= nq && t - nq >= visible_f)) {
+        continue;
+      }
+      float v[EV];
+      if (t >= nq) {
+        for (int e = 0; e < EV; e++) {
+          v[e] = float(vf[(t - nq) * DV + dv0 + e]);
+        }
+      } else if (t == slot) {
+        for (int e = 0; e < EV; e++) {
+          v[e] = tv[dv0 + e];
+        }
+      } else {
+        const device uint32_t* vt = vw + t * (DV * VB / 32);
+        int g = t * (DV / VG) + dv0 / VG;
+        float vsc = float(vs[g]);
+        float vbi = float(vb[g]);
+        for (int e = 0; e < EV; e++) {
+          v[e] = vsc * float(mlxkv_code(vt, uint((dv0 + e) * VB), VB)) + vbi;
+        }
+      }
+      for (int r = 0; r < R; r++) {
+        for (int e = 0; e < EV; e++) {
+          o[r * EV + e] += p[j * R + r] * v[e];
+        }
       }
     }
   }
@@ -127,7 +227,7 @@ void mlxkv_attend_block(
   // grow with R.
   for (int r = 0; r < R; r++) {
     for (int e = 0; e < EV; e++) {
-      to[sg * DV + lane * EV + e] = o[r * EV + e];
+      to[sg * DV + dv0 + e] = o[r * EV + e];
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (sg == 0) {
@@ -143,15 +243,35 @@ void mlxkv_attend_block(
         if (tm[r * BN + i] == -INFINITY) {
           continue;  // a simdgroup that saw no visible token
         }
-        float f = exp(tm[r * BN + i] - mx_);
+        float f = fast::exp(tm[r * BN + i] - mx_);
         lsum += tl[r * BN + i] * f;
         for (int e = 0; e < EV; e++) {
-          o_out[r * EV + e] += to[i * DV + lane * EV + e] * f;
+          o_out[r * EV + e] += to[i * DV + dv0 + e] * f;
         }
       }
       m_out[r] = mx_;
       l_out[r] = lsum;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+}
+
+// Attention mass each of `ntok` tokens got from the R rows whose scores are `sstride`
+// apart from `scores`, given each row's log-sum-exp `lse[r]` (threadgroup memory): the sum
+// over rows of softmax probabilities, written to mass[t]. The threadgroup's `nthreads`
+// threads (this one is `tid`) take tokens in turn; the scores are this launch's or an
+// earlier one's, visible after a device-memory barrier.
+template <int R>
+void mlxkv_attention_mass(const device float* scores, int sstride, const threadgroup float* lse,
+                          int ntok, int tid, int nthreads, device float* mass) {
+  for (int t = tid; t < ntok; t += nthreads) {
+    float acc = 0.0f;
+    for (int r = 0; r < R; r++) {
+      float s = scores[r * sstride + t];
+      if (s != -INFINITY) {
+        acc += fast::exp(s - lse[r]);
+      }
+    }
+    mass[t] = acc;
   }
 }

@@ -1,49 +1,42 @@
 // Affine quantization of rows into mlxkv's packed layout (the layout and rounding of
-// mx.quantize): one thread per (row, group of G values).
+// MLX's CPU mx.quantize, affine.h): one simdgroup per (row, group of G values). Each lane
+// takes G/32 values, simd_min/simd_max give the group's range, and the lanes pack the
+// group's codes into its words together.
 // Inputs:  x (N, DX) of type T; dims = [N, DX].
 // Outputs: w (N, DX * BITS / 32) uint32, scales (N, DX / G) T, biases (N, DX / G) T.
-// Grid (DX / G, N, 1), threadgroup (min(DX / G, 32), 1, 1).
-uint g = thread_position_in_grid.x;
-uint r = thread_position_in_grid.y;
+// Grid (32, N * DX / G, 1), threadgroup (32, min(QB, N * DX / G), 1).
+constexpr int QB = 8;  // simdgroups per threadgroup (the wrapper's QUANTIZE_SIMDGROUPS)
+constexpr int E = G / 32;
+constexpr int W = G * BITS / 32;  // words per group
+uint lane = thread_index_in_simdgroup;
+uint sg = simdgroup_index_in_threadgroup;
 int n = dims[0], dx = dims[1];
-if (int(r) >= n || int(g) >= dx / G) {
-  return;
+int groups = dx / G;
+int pair = int(thread_position_in_grid.y);  // row * groups + group
+threadgroup uint8_t codes[QB * G];
+if (pair >= n * groups) {
+  return;  // uniform across the simdgroup
 }
-const device T* xs = x + size_t(r) * dx + size_t(g) * G;
-float lo = float(xs[0]), hi = float(xs[0]);
-for (int i = 1; i < G; i++) {
-  lo = min(lo, float(xs[i]));
-  hi = max(hi, float(xs[i]));
+const device T* xs = x + size_t(pair) * G + lane * E;  // rows are dx = groups * G apart
+float v[E];
+float lo = float(xs[0]), hi = lo;
+for (int e = 0; e < E; e++) {
+  v[e] = float(xs[e]);
+  lo = min(lo, v[e]);
+  hi = max(hi, v[e]);
 }
-// The edge with the larger magnitude is represented exactly (as mx.quantize does).
-constexpr float n_bins = float((1 << BITS) - 1);
-bool low_edge = abs(lo) > abs(hi);
-float scale = max((hi - lo) / n_bins, 1e-7f);
-scale = low_edge ? scale : -scale;
-float edge = low_edge ? lo : hi;
-float q0 = rint(edge / scale);
-float bias = 0.0f;
-if (q0 != 0.0f) {
-  scale = edge / q0;
-  bias = edge;
+lo = simd_min(lo);
+hi = simd_max(hi);
+mlxkv_affine sb = mlxkv_affine_params(lo, hi, BITS);
+if (lane == 0) {
+  scales[pair] = static_cast<T>(sb.scale);
+  biases[pair] = static_cast<T>(sb.bias);
 }
-T scale_t = static_cast<T>(scale);
-T bias_t = static_cast<T>(bias);
-scales[size_t(r) * (dx / G) + g] = scale_t;
-biases[size_t(r) * (dx / G) + g] = bias_t;
-// Codes of this group fill G * BITS / 32 whole words: an LSB-first bit stream.
-device uint32_t* out = w + size_t(r) * (dx * BITS / 32) + size_t(g) * (G * BITS / 32);
-uint64_t acc = 0;
-int filled = 0;
-int word = 0;
-for (int i = 0; i < G; i++) {
-  float c = rint((float(xs[i]) - bias) / scale);
-  uint code = uint(clamp(c, 0.0f, n_bins));
-  acc |= uint64_t(code) << filled;
-  filled += BITS;
-  if (filled >= 32) {
-    out[word++] = uint32_t(acc & 0xffffffffu);
-    acc >>= 32;
-    filled -= 32;
-  }
+threadgroup uint8_t* mine = codes + sg * G;
+for (int e = 0; e < E; e++) {
+  mine[lane * E + e] = uint8_t(mlxkv_affine_code(v[e], sb, BITS));
+}
+simdgroup_barrier(mem_flags::mem_threadgroup);
+for (int word = int(lane); word < W; word += 32) {
+  w[size_t(pair) * W + word] = mlxkv_pack_word(mine, G, BITS, word);
 }

@@ -4,9 +4,15 @@
 // Inputs:  q (B, Hq, L, D); scale (); keys kw/ks/kb and values vw/vs/vb in the ring
 //          layouts of kv_attention.h; kf (B, H, NF, D), vf (B, H, NF, DV) the
 //          full-precision tokens (sinks, residual, the chunk itself: the last L of them
-//          are the query rows' own tokens, causal); dims = [NQ, A, NF, L, H, Hq].
-// Outputs: out (B, Hq, L, DV); with STATS scores (B, Hq, L, NQ + NF) and lse
-//          (B, Hq, L) (else both of shape (1,), unwritten).
+//          are the query rows' own tokens, causal); with NEW (decode, L = 1) a new token
+//          kn (B, H, 1, D), vn (B, H, 1, DV) that takes ring slot nslot (B, H) int32: it
+//          is quantized here (its stored codes are not read) and attended as its codes
+//          read back; dims = [NQ, A, NF, L, H, Hq].
+// Outputs: out (B, Hq, L, DV); with STATS the attention mass (B, Hq / R, L, NQ + NF)
+//          each token got from the group's R rows, and the rows' scores (B, Hq, L, NQ + NF)
+//          it is reduced from (scratch); with NEW the new token's codes, scales and
+//          biases nkw (B, H, D * KB / 32), nks, nkb (B, H, D / KG), nvw, nvs, nvb
+//          (written by the first group of each kv head). Outputs not asked for: (1,).
 // Grid (32, BN, B * (Hq / R) * L), threadgroup (32, BN, 1).
 uint lane = thread_index_in_simdgroup;
 uint sg = simdgroup_index_in_threadgroup;
@@ -22,10 +28,26 @@ constexpr int EV = DV / 32;
 threadgroup float tm[R * BN];
 threadgroup float tl[R * BN];
 threadgroup float to[BN * DV];
+threadgroup float tk[NEW ? D : 1];
+threadgroup float tv[NEW ? DV : 1];
+threadgroup uint8_t tc[NEW ? (D > DV ? D : DV) : 1];
 float m[R];
 float lsum[R];
 float o[R * EV];
 int ntok = nq + nf;
+int slot = NEW ? nslot[bh] : -1;
+if (NEW) {  // every threadgroup attends the new token; the kv head's first group stores it
+  bool owner = hq0 % (Hq / H) == 0;
+  if (sg == 0) {
+    mlxkv_quantize_token<T, D, KB, KG>(kn + size_t(bh) * D, lane, tk, tc, owner,
+                                       nkw + size_t(bh) * (D * KB / 32),
+                                       nks + size_t(bh) * (D / KG), nkb + size_t(bh) * (D / KG));
+    mlxkv_quantize_token<T, DV, VB, VG>(vn + size_t(bh) * DV, lane, tv, tc, owner,
+                                        nvw + size_t(bh) * (DV * VB / 32),
+                                        nvs + size_t(bh) * (DV / VG), nvb + size_t(bh) * (DV / VG));
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
 size_t kq = KCH ? size_t(D) * (alloc * KB / 32) : size_t(alloc) * (D * KB / 32);
 size_t kg = KCH ? size_t(D) * (alloc / KG) : size_t(alloc) * (D / KG);
 mlxkv_attend_block<T, D, DV, KB, KG, VB, VG, KCH, BN, R, STATS>(
@@ -34,7 +56,7 @@ mlxkv_attend_block<T, D, DV, KB, KG, VB, VG, KCH, BN, R, STATS>(
     vw + bh * size_t(alloc) * (DV * VB / 32), vs + bh * size_t(alloc) * (DV / VG),
     vb + bh * size_t(alloc) * (DV / VG),
     kf + bh * size_t(nf) * D, vf + bh * size_t(nf) * DV,
-    nq, alloc, nf - L + l + 1, 0, ntok, lane, sg, tm, tl, to,
+    nq, alloc, nf - L + l + 1, 0, ntok, slot, tk, tv, lane, sg, tm, tl, to,
     scores + (STATS ? row0 * ntok : 0), L * ntok, m, lsum, o);
 if (sg == 0) {
   for (int r = 0; r < R; r++) {
@@ -44,7 +66,12 @@ if (sg == 0) {
           lsum[r] > 0.0f ? static_cast<T>(o[r * EV + e] / lsum[r]) : static_cast<T>(0);
     }
     if (STATS && lane == 0) {
-      lse[row] = m[r] + log(lsum[r]);
+      tm[r] = m[r] + log(lsum[r]);  // the row's log-sum-exp (tm is free again)
     }
   }
+}
+if (STATS) {
+  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
+  mlxkv_attention_mass<R>(scores + row0 * ntok, L * ntok, tm, ntok, int(sg * 32 + lane),
+                          32 * BN, mass + size_t(z) * ntok);
 }

@@ -4,8 +4,9 @@
 // and writes, per head, the block's unnormalized output and its softmax max and sum.
 // Inputs:  as sdpa_quantized.metal, dims = [NQ, A, NF, L, H, Hq, NB, BS].
 // Outputs: po (rows, NB, DV) of type T, pm (rows, NB), pl (rows, NB) float32,
-//          rows = B * Hq * L;
-//          with STATS scores (rows, NQ + NF) (else (1,), unwritten).
+//          rows = B * Hq * L; with STATS the scores (rows, NQ + NF) pass 2 reduces to
+//          the attention mass; with NEW the new token's codes (as sdpa_quantized.metal,
+//          written by the block that holds its slot). Outputs not asked for: (1,).
 // Grid (32, BN, B * (Hq / R) * L * NB), threadgroup (32, BN, 1).
 uint lane = thread_index_in_simdgroup;
 uint sg = simdgroup_index_in_threadgroup;
@@ -23,21 +24,37 @@ constexpr int EV = DV / 32;
 threadgroup float tm[R * BN];
 threadgroup float tl[R * BN];
 threadgroup float to[BN * DV];
+threadgroup float tk[NEW ? D : 1];
+threadgroup float tv[NEW ? DV : 1];
+threadgroup uint8_t tc[NEW ? (D > DV ? D : DV) : 1];
 float m[R];
 float lsum[R];
 float o[R * EV];
 int ntok = nq + nf;
-size_t kq = KCH ? size_t(D) * (alloc * KB / 32) : size_t(alloc) * (D * KB / 32);
-size_t kg = KCH ? size_t(D) * (alloc / KG) : size_t(alloc) * (D / KG);
 int t0 = block * bs;
 int t1 = min(t0 + bs, ntok);
+int slot = NEW ? nslot[bh] : -1;
+if (NEW && slot >= t0 && slot < t1) {  // uniform across the threadgroup
+  bool owner = hq0 % (Hq / H) == 0;
+  if (sg == 0) {
+    mlxkv_quantize_token<T, D, KB, KG>(kn + size_t(bh) * D, lane, tk, tc, owner,
+                                       nkw + size_t(bh) * (D * KB / 32),
+                                       nks + size_t(bh) * (D / KG), nkb + size_t(bh) * (D / KG));
+    mlxkv_quantize_token<T, DV, VB, VG>(vn + size_t(bh) * DV, lane, tv, tc, owner,
+                                        nvw + size_t(bh) * (DV * VB / 32),
+                                        nvs + size_t(bh) * (DV / VG), nvb + size_t(bh) * (DV / VG));
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+size_t kq = KCH ? size_t(D) * (alloc * KB / 32) : size_t(alloc) * (D * KB / 32);
+size_t kg = KCH ? size_t(D) * (alloc / KG) : size_t(alloc) * (D / KG);
 mlxkv_attend_block<T, D, DV, KB, KG, VB, VG, KCH, BN, R, STATS>(
     q + row0 * D, L * D, float(scale),
     kw + bh * kq, ks + bh * kg, kb + bh * kg,
     vw + bh * size_t(alloc) * (DV * VB / 32), vs + bh * size_t(alloc) * (DV / VG),
     vb + bh * size_t(alloc) * (DV / VG),
     kf + bh * size_t(nf) * D, vf + bh * size_t(nf) * DV,
-    nq, alloc, nf - L + l + 1, t0, t1, lane, sg, tm, tl, to,
+    nq, alloc, nf - L + l + 1, t0, t1, slot, tk, tv, lane, sg, tm, tl, to,
     scores + (STATS ? row0 * ntok : 0), L * ntok, m, lsum, o);
 if (sg == 0) {
   for (int r = 0; r < R; r++) {

@@ -109,7 +109,8 @@ def run_kernel_bench(*, lengths, bits: int = 4, group_size: int = 64, q_heads: i
         if not fused_available(ring, q, empty, empty):
             raise InputError("the fused kernel failed on this device: "
                              + "; ".join(_metal._FAILED.values()))
-        ref = sdpa_quantized_reference(q, scale=scale, ring=ring, float_keys=empty, float_values=empty)
+        ref = sdpa_quantized_reference(q, scale=scale, ring=ring, float_keys=empty,
+                                       float_values=empty).out
         err = mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)).max().item()
         qerr = mx.abs(out.astype(mx.float32) - want.astype(mx.float32)).max().item()
         sdpa_ms, fused_ms = _median_ms(base, repeats), _median_ms(fused, repeats)

@@ -15,7 +15,6 @@ from mlxkv.kernels import QuantizedKV, _metal
 # the kernel modules (their packages export the dispatchers under the same names)
 sdpa_quantized = import_module("mlxkv.kernels.sdpa_quantized")
 quantize_rows = import_module("mlxkv.kernels.quantize_rows")
-attention_stats = import_module("mlxkv.kernels.attention_stats")
 
 # max |kernel - reference| allowed, relative to max |reference| (float32 accumulation
 # in the kernel; the output is rounded to the dtype)
@@ -49,9 +48,10 @@ def attention_case(*, B=1, H=2, rep=3, L=1, D=64, DV=None, n=33, nf=5, bits=4, g
                 float_keys=r((B, H, nf, D), 8), float_values=r((B, H, nf, DV), 9))
 
 
-def run_both(case, passes, stats=False):
-    got = sdpa_quantized.sdpa_quantized_metal(**case, passes=passes, stats=stats)
-    want = sdpa_quantized.sdpa_quantized_reference(**case, stats=stats)
+def run_both(case, passes, mass_rows=None, new=None):
+    """(kernel, reference) results (``Fused``) of one attention call."""
+    got = sdpa_quantized.sdpa_quantized_metal(**case, passes=passes, mass_rows=mass_rows, new=new)
+    want = sdpa_quantized.sdpa_quantized_reference(**case, mass_rows=mass_rows, new=new)
     return got, want
 
 
@@ -62,7 +62,7 @@ def run_both(case, passes, stats=False):
 def test_sdpa_bits_and_key_modes(metal_sim, bits, mode, passes):
     case = attention_case(bits=bits, mode=mode, n=64 if mode == "channel" else 33)
     got, want = run_both(case, passes)
-    close(got, want, mx.float32)
+    close(got.out, want.out, mx.float32)
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
@@ -70,7 +70,7 @@ def test_sdpa_bits_and_key_modes(metal_sim, bits, mode, passes):
 def test_sdpa_head_dims_and_dtypes(metal_sim, D, dtype):
     case = attention_case(D=D, dtype=dtype, group=64, n=70, nf=3)
     got, want = run_both(case, 1)
-    close(got, want, dtype)
+    close(got.out, want.out, dtype)
 
 
 @pytest.mark.parametrize("rep", [1, 3, 8])
@@ -78,7 +78,7 @@ def test_sdpa_head_dims_and_dtypes(metal_sim, D, dtype):
 def test_sdpa_cache_lengths_and_gqa(metal_sim, n, rep):
     case = attention_case(rep=rep, n=n, H=1 if n > 257 else 2, nf=0 if n == 1 else 2)
     got = sdpa_quantized.sdpa_quantized(**case)  # the dispatcher: two passes past 512 tokens
-    close(got, sdpa_quantized.sdpa_quantized_reference(**case), mx.float32)
+    close(got, sdpa_quantized.sdpa_quantized_reference(**case).out, mx.float32)
 
 
 def test_sdpa_chunk_is_causal_and_masked_rows_are_zero(metal_sim):
@@ -86,27 +86,71 @@ def test_sdpa_chunk_is_causal_and_masked_rows_are_zero(metal_sim):
     case = attention_case(L=4, n=0, nf=2)
     for passes in (1, 2):
         got, want = run_both(case, passes)
-        close(got, want, mx.float32)
-        assert np.all(np.array(got)[:, :, :2] == 0)
+        close(got.out, want.out, mx.float32)
+        assert np.all(np.array(got.out)[:, :, :2] == 0)
     case = attention_case(L=3, n=40, nf=6)
-    close(*run_both(case, 1), mx.float32)
+    got, want = run_both(case, 1)
+    close(got.out, want.out, mx.float32)
 
 
-def test_sdpa_stats_and_attention_mass(metal_sim):
-    case = attention_case(L=2, n=45, nf=4, rep=3)
+def test_sdpa_attention_mass_in_the_same_launches(metal_sim):
+    rep = 3
+    case = attention_case(L=2, n=45, nf=4, rep=rep)
     for passes in (1, 2):
-        (out, scores, lse), (r_out, r_scores, r_lse) = run_both(case, passes, stats=True)
-        close(out, r_out, mx.float32)
-        close(lse, r_lse, mx.float32)
-        finite = np.isfinite(np.array(r_scores))
-        assert np.array_equal(finite, np.isfinite(np.array(scores)))
-        assert np.allclose(np.array(scores)[finite], np.array(r_scores)[finite], atol=1e-5)
         for rows in [(0, 2), (1, 2)]:
-            got = attention_stats.attention_mass_metal(scores, lse, kv_heads=2, rows=rows)
-            want = attention_stats.attention_mass_reference(r_scores, r_lse, kv_heads=2, rows=rows)
-            close(got, want, mx.float32)
+            got, want = run_both(case, passes, mass_rows=rows)
+            close(got.out, want.out, mx.float32)
+            close(got.mass, want.mass, mx.float32)
+            assert got.mass.shape == (1, 2, 49)
             # each observed row spreads a total mass of 1 per query head
-            assert np.allclose(np.array(got).sum(-1), 3 * (rows[1] - rows[0]), atol=1e-4)
+            assert np.allclose(np.array(got.mass).sum(-1), rep * (rows[1] - rows[0]), atol=1e-4)
+            # row 0 cannot see row 1's token: the last token's mass comes from row 1 only
+            if rows == (1, 2):
+                assert np.array(got.mass)[..., -1].min() > 0
+
+
+def new_token(case, slot, seed=5):
+    """A new decode token for ``case`` (its ring) taking ring slot ``slot`` (B, H)."""
+    B, H, _, D = case["float_keys"].shape
+    DV = case["float_values"].shape[-1]
+    r = lambda shape, s: (mx.random.normal(shape, key=mx.random.key(seed + s)) * 2).astype(case["q"].dtype)  # noqa: E731
+    return sdpa_quantized.NewToken(keys=r((B, H, 1, D), 0), values=r((B, H, 1, DV), 1),
+                                   slot=mx.array(slot, mx.int32))
+
+
+@pytest.mark.parametrize("bits,group,D,dtype", [(4, 32, 64, mx.float32), (3, 64, 64, mx.float32),
+                                                (2, 32, 128, mx.float32), (8, 64, 128, mx.float16),
+                                                (4, 128, 128, mx.bfloat16)])
+@pytest.mark.parametrize("passes", [1, 2])
+def test_sdpa_quantizes_the_new_token_itself(metal_sim, bits, group, D, dtype, passes):
+    """A decode step's new token is quantized inside the attention launch: its codes equal
+    mx.quantize's (on the CPU simulator; within a step on a Mac), and the output is that
+    of attention over the ring with those codes in the token's slot (per kv head its own
+    slot: a replaced one, or one past the end of the storage)."""
+    case = attention_case(D=D, bits=bits, group=group, dtype=dtype, n=300, nf=3, rep=3)
+    ring = case["ring"]
+    # storage of exactly `length - 1` slots (a scored ring growing by one)
+    trimmed = tuple(a[:, :, :299] for a in ring.keys), tuple(a[:, :, :299] for a in ring.values)
+    cases = {"replace": (ring, [[7, 290]]),
+             "append": (ring, [[299, 299]]),
+             "past the storage": (sdpa_quantized.QuantizedKV(
+                 keys=trimmed[0], values=trimmed[1], length=300, key_bits=bits, key_group=group,
+                 value_bits=bits, value_group=group), [[299, 299]])}
+    for name, (r, slot) in cases.items():
+        c = dict(case, ring=r)
+        new = new_token(c, slot)
+        got, want = run_both(c, passes, mass_rows=(0, 1), new=new)
+        close(got.out, want.out, dtype)
+        close(got.mass, want.mass, dtype)  # from scores over keys dequantized in dtype
+        for mine, ref in ((got.new_keys, want.new_keys), (got.new_values, want.new_values)):
+            assert [a.shape for a in mine] == [a.shape for a in ref], name
+            deq = mx.dequantize(*mine, group_size=group, bits=bits)
+            rdeq = mx.dequantize(*ref, group_size=group, bits=bits)
+            step = np.repeat(np.abs(np.array(ref[1].astype(mx.float32))), group, axis=-1)
+            assert np.all(np.abs(np.array((deq - rdeq).astype(mx.float32))) <= step * 1.01 + 1e-6)
+            if not mx.metal.is_available():  # the CPU simulator: the same codes as mx.quantize
+                assert np.array_equal(np.array(mine[0]), np.array(ref[0])), name
+                close(mine[1], ref[1], dtype)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -117,8 +161,9 @@ def test_sdpa_same_result_in_shuffled_schedules(simulator, monkeypatch, seed):
     monkeypatch.setattr(mx.fast, "metal_kernel", shuffled.metal_kernel)
     case = attention_case(n=300, nf=3, rep=2)
     for passes in (1, 2):
-        got, want = run_both(case, passes)
-        close(got, want, mx.float32)
+        got, want = run_both(case, passes, mass_rows=(0, 1), new=new_token(case, [[5, 200]]))
+        close(got.out, want.out, mx.float32)
+        close(got.mass, want.mass, mx.float32)
 
 
 # ----- quantize -------------------------------------------------------------------------
@@ -164,15 +209,15 @@ def test_unsupported_shape_falls_back_to_reference(metal_sim):
         got = sdpa_quantized.sdpa_quantized(**case)
         assert sum(metal_sim.launches.values()) == before
     got = sdpa_quantized.sdpa_quantized(**case)
-    close(got, sdpa_quantized.sdpa_quantized_reference(**case), mx.float32)
+    close(got, sdpa_quantized.sdpa_quantized_reference(**case).out, mx.float32)
 
 
 @pytest.mark.parametrize("n", [0, 2])  # no ring (dummy inputs), a ring of 2 tokens
 def test_no_input_is_bound_in_the_constant_address_space(metal_sim, monkeypatch, n):
     """MLX binds inputs under 8 elements as ``const constant``; the kernels read every
     input through ``device`` pointers, which Apple's compiler cannot bind to those. The
-    generated signatures of every launch (ring-less and tiny rings, quantize_rows and
-    attention_stats on tiny shapes) have device pointers only."""
+    generated signatures of every launch (ring-less and tiny rings, with a new token and
+    the attention mass, quantize_rows on tiny shapes) have device pointers only."""
     if metal_sim is None:
         pytest.skip("on a Mac the real compiler checks this")
     signatures = []
@@ -189,15 +234,18 @@ def test_no_input_is_bound_in_the_constant_address_space(metal_sim, monkeypatch,
 
     monkeypatch.setattr(mx.fast, "metal_kernel", recording)
     case = attention_case(B=1, H=1, rep=1, n=n, nf=1, D=32, group=32)
-    got, scores, lse = sdpa_quantized.sdpa_quantized(**case, stats=True)
-    want = sdpa_quantized.sdpa_quantized_reference(**case)
-    close(got, want, mx.float32)
-    mass = attention_stats.attention_mass(scores, lse, kv_heads=1)
-    close(mass, attention_stats.attention_mass_reference(scores, lse, kv_heads=1, rows=(0, 1)),
-          mx.float32)
+    got, mass = sdpa_quantized.sdpa_quantized(**case, mass_rows=(0, 1))
+    want = sdpa_quantized.sdpa_quantized_reference(**case, mass_rows=(0, 1))
+    close(got, want.out, mx.float32)
+    close(mass, want.mass, mx.float32)
+    count = 2
+    if n:
+        got, want = run_both(case, 1, mass_rows=(0, 1), new=new_token(case, [[1]]))
+        close(got.out, want.out, mx.float32)
+        count += 1
     w, _, _ = quantize_rows.quantize_rows(mx.ones((1, 32)), bits=8, group_size=32)
     assert w.shape == (1, 8)
-    assert len(signatures) == 3
+    assert len(signatures) == count
     for text in signatures:
         assert "const device" in text and not re.search(r"constant [\w:<>]+\s*\*", text), text
 
@@ -221,7 +269,7 @@ def test_kernel_failing_on_the_device_falls_back_to_reference_with_a_warning(mon
     case = attention_case(n=40)
     with pytest.warns(RuntimeWarning, match="sdpa_quantized failed on this device"):
         got = sdpa_quantized.sdpa_quantized(**case)
-    close(got, sdpa_quantized.sdpa_quantized_reference(**case), mx.float32)
+    close(got, sdpa_quantized.sdpa_quantized_reference(**case).out, mx.float32)
     assert calls == ["sdpa_quantized"]
     assert not sdpa_quantized.fused_available(case["ring"], case["q"], case["float_keys"],
                                               case["float_values"])
@@ -229,7 +277,7 @@ def test_kernel_failing_on_the_device_falls_back_to_reference_with_a_warning(mon
     assert calls == ["sdpa_quantized"]  # not tried again
     # another instantiation of the same kernel is its own: tried (and here refused too)
     with pytest.warns(RuntimeWarning, match="STATS=True"):
-        sdpa_quantized.sdpa_quantized(**case, stats=True)
+        sdpa_quantized.sdpa_quantized(**case, mass_rows=(0, 1))
     assert calls == ["sdpa_quantized", "sdpa_quantized"]
 
 
@@ -259,13 +307,13 @@ def test_model_greedy_tokens_same_on_metal_path(smollm, simulator, monkeypatch, 
         return  # ran on the GPU: nothing to count
     ran = simulator.launches - before
     steps = 5 * len(model.layers)  # decode steps after the prompt's, every layer
-    assert ran["quantize_rows"] > 0
     if config.get("key_mode") == "channel":  # KIVI keys: MLX's quantized matmuls, for now
-        assert ran["sdpa_quantized"] == 0
+        assert ran["sdpa_quantized"] == 0 and ran["quantize_rows"] > 0
         return
     assert ran["sdpa_quantized"] >= steps
-    if "policy" in config:  # SnapKV's statistics come from the same attention calls
-        assert ran["attention_stats"] == ran["sdpa_quantized"]
+    # the decode steps quantize their tokens inside the attention (the quantizer ran for
+    # the prompt only: far fewer launches than decode steps)
+    assert 0 < ran["quantize_rows"] < steps
 
 
 # ----- mlxkv bench --kernels ----------------------------------------------------------------
@@ -291,7 +339,9 @@ def test_bench_kernels_cli_on_the_simulator(tmp_path, monkeypatch, capsys):
         assert t["read_mb"] >= t["packed_mb"] and t["launches"] == (1 if t["length"] == 40 else 2)
     assert min(t["ratio"] for t in traffic if t["gqa"] == 1) < 1.3
     launches = doc["launches_per_layer_step"]
-    assert set(launches) == {"4-bit", "4-bit window snapkv"} and all(v >= 1 for v in launches.values())
+    # a decode step: the attention's one or two launches, nothing else (the new token's
+    # quantizer and a scoring policy's attention mass are inside them)
+    assert launches == {"4-bit": 2, "4-bit window snapkv": 2}
     printed = capsys.readouterr().out
     assert "x sdpa" in printed and "    600" in printed and "read/packed" in printed
 
@@ -324,7 +374,10 @@ def test_make_cache_compiles_every_decode_kernel_before_generation(simulator, mo
     ready = set(_metal._CHECKED)
     names = {name for name, _ in ready}
     assert {"quantize_rows", "sdpa_quantized", "sdpa_quantized_pass1", "sdpa_quantized_pass2"} <= names
-    assert ("attention_stats" in names) == ("policy" in config)
+    # decode tokens go straight into the ring: the attention quantizes them itself
+    attention = {name: template for name, template in ready if name.startswith("sdpa")}
+    assert all("('NEW', True)" in t for n, t in attention.items() if n != "sdpa_quantized_pass2")
+    assert all(("('STATS', True)" in t) == ("policy" in config) for t in attention.values())
     prompt = mx.random.randint(0, 512, (1, 560), key=mx.random.key(1))
     logits = model(prompt, cache=cache)
     for _ in range(3):
@@ -337,11 +390,12 @@ def test_make_cache_compiles_every_decode_kernel_before_generation(simulator, mo
 @pytest.mark.parametrize("rep", [12, 16])
 def test_sdpa_gqa_ratios_above_one_threadgroups_share(metal_sim, rep):
     """More query heads per kv head than a threadgroup serves (8): the group is split
-    (12 -> 2 groups of 6, 16 -> 2 of 8), in both passes, with the statistics."""
+    (12 -> 2 groups of 6, 16 -> 2 of 8), in both passes, with the attention mass (summed
+    over the groups) and a new token (stored by the kv head's first group)."""
     case = attention_case(rep=rep, n=300, nf=3, H=1)
     assert sdpa_quantized.group_size(rep, 1) == (6 if rep == 12 else 8)
     for passes in (1, 2):
-        (out, scores, lse), (r_out, r_scores, r_lse) = run_both(case, passes, stats=True)
-        close(out, r_out, mx.float32)
-        close(lse, r_lse, mx.float32)
-        assert np.allclose(np.array(scores), np.array(r_scores), atol=1e-5)
+        got, want = run_both(case, passes, mass_rows=(0, 1), new=new_token(case, [[150]]))
+        close(got.out, want.out, mx.float32)
+        close(got.mass, want.mass, mx.float32)
+        assert np.array_equal(np.array(got.new_keys[0]), np.array(want.new_keys[0]))

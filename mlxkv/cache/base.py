@@ -6,7 +6,7 @@
 - an eviction strategy (``eviction.py``, ``scored.py``, ``adaptive.py``): which ring slots
   flushed tokens take and what is evicted to make room;
 - attention over the cache's ``Segment``s (``segments.py``), or the fused Metal kernel for
-  a decode step (``fused.py``, whose ``fused_inputs`` is the one place that decides).
+  a decode step (``fused.py``, whose ``decode`` is the one place that decides).
 
 The cache itself does the bookkeeping between them: new tokens go to the sinks, then the
 residual; whole flush units leave the residual for the middle and the ring. A chunk of
@@ -27,7 +27,7 @@ from mlx.utils import tree_unflatten
 from ..stats import LayerStats, dtype_name
 from .codec import FLOAT
 from .eviction import Eviction
-from .fused import attend_fused, fused_inputs
+from . import fused
 from .layout import Layout
 from .rotation import hadamard_signs, rotate
 from .segments import Segment, attend_segments, dense, visibility
@@ -144,8 +144,9 @@ class CompressedCache:
         return rotate(x, self._signs)
 
     def update_and_fetch(self, keys, values):
-        """Take L new tokens. One token is stored at once; a longer chunk is stored after
-        its attention (``attend``), so its queries can still see what it will evict."""
+        """Take L new tokens, stored by ``attend``: one token before its attention (or
+        in the same kernel launch, ``fused.decode``), a longer chunk after it, so its
+        queries can still see what it will evict."""
         self._commit()
         if self.layout.empty:
             self.eviction.check_batch(keys.shape[0])
@@ -156,8 +157,6 @@ class CompressedCache:
             keys = self._rot(keys)
         self._pending = (keys, values, self.offset)
         self.offset += keys.shape[2]
-        if keys.shape[2] == 1:
-            self._commit()
         return keys, values
 
     def _commit(self):
@@ -222,7 +221,7 @@ class CompressedCache:
         """Attention of ``queries`` (B, n_heads, L, D) over this cache -> (B, n_heads, L, Dv).
 
         ``mask`` from the model is not needed: the cache knows every token's position.
-        One query (decode) runs the fused Metal kernel where ``fused_inputs`` allows it,
+        One query (decode) runs the fused Metal kernel where ``fused.decode`` takes it,
         else is scored straight from the packed storage. A chunk of queries (prefill)
         dequantizes the ring once for this layer (a transient array, freed after the
         layer) and is processed in blocks of queries, so its score matrix stays under
@@ -233,12 +232,13 @@ class CompressedCache:
         rep = Hq // H
         q = self._rot(queries) if self.rotate else queries
         if L == 1:
-            fused = fused_inputs(self.layout, self.eviction, q)
-            if fused is not None:
-                out, mass = attend_fused(q, scale, *fused, sinks=self.layout.n_sinks)
+            done = self._decode_fused(q, scale)
+            if done is not None:
+                out, mass = done
                 if mass is not None:
                     self._observe_mass(mass)
                 return out
+            self._commit()
         q = (q * scale).reshape(B, H, rep, L, D)
         segs = self.segments(dense_after=q if L > 1 else None)
         if L == 1:
@@ -265,6 +265,28 @@ class CompressedCache:
             # alive at once, doubling the process for a cache of a few MB.
             mx.eval(out, statistics)
         return out.reshape(B, Hq, L, -1)
+
+    def _straight_to_ring(self):
+        """The pending token's (keys, values) when storing it would put it straight into
+        the ring (past the sinks, no residual or middle, the ring started), else None."""
+        k, v, p0 = self._pending
+        lay = self.layout
+        if k.shape[2] == 1 and p0 >= lay.sinks and self.offset >= self.start and lay.straight_to_ring():
+            return k, v
+        return None
+
+    def _decode_fused(self, q, scale):
+        """A decode step on the fused Metal kernel (``fused.decode``), the pending token
+        stored on the way: (output, mass) or None (then the token is still pending)."""
+        if not fused.metal_enabled():
+            return None
+        new = None if self._pending is None else self._straight_to_ring()
+        if new is None:
+            self._commit()
+        done = fused.decode(self.layout, self.eviction, q, scale, new)
+        if done is not None and new is not None:
+            self._pending = None
+        return done
 
     # ----- learning from attention --------------------------------------------------
     def _observer(self, queries: tuple[int, int, int]):

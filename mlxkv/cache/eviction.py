@@ -11,7 +11,8 @@ the tokens it flushes from the residual and asks it for the ring as a ``Segment`
   pool of slots shared by a layer's heads (``adaptive.py``).
 
 The protocol (the base class below does the no-op parts):
-``write(layout, keys, values)``, ``ring_segment(layout)``, ``rule(layout)`` (an extra
+``write(layout, keys, values)``, ``place(layout, keys, values)`` (a decode step's token
+whose codes the fused kernel makes itself, or None), ``ring_segment(layout)``, ``rule(layout)`` (an extra
 visibility rule for chunked prefill, or None), ``tokens_per_head(layout)``,
 ``observed_rows(queries)``/``observe(layout, mass, first)`` (learning from attention),
 ``arrays(layout, offset)``/``set_arrays(arrays)`` (named state) and ``nbytes``.
@@ -19,10 +20,27 @@ visibility rule for chunked prefill, or None), ``tokens_per_head(layout)``,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import mlx.core as mx
 
 from .layout import Layout
 from .segments import Segment
+
+
+@dataclass
+class Placement:
+    """Where a decode step's one new token goes, for the fused kernel that quantizes it
+    in the same launch as its attention. The kernel reads the ring's current storage with
+    the new token in ``slot`` (B, H) int32, over ``length`` slots; ``store`` then puts the
+    kernel's codes (key parts, value parts) in and updates the counters, as ``write`` would
+    have; ``ring_order`` maps the ring's attention mass in the kernel's slot order to the
+    ring's order after ``store`` (None: the same)."""
+    slot: mx.array
+    length: int
+    store: Callable[[tuple, tuple], None]
+    ring_order: Callable[[mx.array], mx.array] | None = None
 
 
 class Eviction:
@@ -36,6 +54,11 @@ class Eviction:
     def positions(self, layout: Layout) -> mx.array | None:
         """Token positions of the ring's slots, in slot order."""
         raise NotImplementedError
+
+    def place(self, layout: Layout, keys: mx.array, values: mx.array) -> Placement | None:
+        """Where one token (B, H, 1, D) would be written (``Placement``), or None when this
+        strategy cannot say before its codes exist. May allocate ring storage."""
+        return None
 
     def heads(self, layout: Layout) -> mx.array | None:
         return None
@@ -90,6 +113,17 @@ class Append(Eviction):
         layout.flushed += n
         layout.ring_len += n
 
+    def place(self, layout, keys, values):
+        at = layout.ring_len
+        layout.reserve_ring(at + 1, keys, values)
+
+        def store(coded_k, coded_v):
+            layout.store_ring(at, coded_k, coded_v, 1)
+            layout.flushed += 1
+            layout.ring_len += 1
+
+        return Placement(mx.full(keys.shape[:2], at, mx.int32), at + 1, store)
+
     def positions(self, layout):
         return layout.sinks + layout.flushed - layout.ring_len + mx.arange(layout.ring_len)
 
@@ -117,6 +151,18 @@ class Positional(Eviction):
             layout.write_ring(0, keys[..., first:, :], values[..., first:, :])
         layout.flushed += n
         layout.ring_len = min(layout.flushed, cap)
+
+    def place(self, layout, keys, values):
+        cap = self.capacity
+        layout.reserve_ring(min(layout.flushed + 1, cap), keys, values, limit=cap)
+        at = layout.flushed % cap
+
+        def store(coded_k, coded_v):
+            layout.store_ring(at, coded_k, coded_v, 1)
+            layout.flushed += 1
+            layout.ring_len = min(layout.flushed, cap)
+
+        return Placement(mx.full(keys.shape[:2], at, mx.int32), min(layout.flushed + 1, cap), store)
 
     def positions(self, layout):
         last = layout.flushed - 1

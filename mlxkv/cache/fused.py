@@ -1,13 +1,17 @@
-"""The fused Metal path of a decode step: one kernel reads the packed ring and the
-full-precision tokens (``mlxkv.kernels.sdpa_quantized``), with no dequantized copy and
-no score matrix. ``fused_inputs`` is the one place that decides whether a cache takes it."""
+"""The fused Metal path of a decode step: one launch (two for a long cache: a split over
+token blocks) reads the packed ring and the full-precision tokens, with no dequantized
+copy and no score matrix; quantizes the step's new token itself when it goes straight
+into the ring (no quantizer launch); and reduces the attention mass a scoring policy
+learns from (no launch of its own). ``decode`` is the one place that decides whether a
+cache takes it."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from ..kernels import QuantizedKV, attention_mass, metal_enabled
-from ..kernels.sdpa_quantized import fused_available, sdpa_quantized_metal, sdpa_quantized_reference
+from ..kernels import QuantizedKV, metal_enabled
+from ..kernels.sdpa_quantized import (NewToken, fused_available, sdpa_quantized_metal,
+                                      sdpa_quantized_reference)
 from .eviction import Eviction
 from .layout import Layout
 
@@ -24,49 +28,72 @@ def _decode_rows(eviction: Eviction) -> tuple[int, int] | None:
     return eviction.observed_rows((0, 1, 1))
 
 
-def fused_inputs(layout: Layout, eviction: Eviction, q: mx.array):
-    """(ring, float keys, float values, observed rows) for the fused decode kernel, or
-    None: Metal is on, the ring is in codecs the kernel reads, each kv head has its own
-    ring (not a shared pool), there is no middle (the kernel reads one ring), and the
-    kernel supports the shapes."""
-    if not (metal_enabled() and layout.ring_len and layout.kc.fusable and layout.vc.fusable
-            and not eviction.shared_slots and not layout.middle):
+def _takes_fused(layout: Layout, eviction: Eviction) -> bool:
+    """Metal is on, the ring is in codecs the kernel reads, each kv head has its own ring
+    (not a shared pool) and there is no middle (the kernel reads one ring)."""
+    return (metal_enabled() and layout.kc.fusable and layout.vc.fusable
+            and not eviction.shared_slots and not layout.middle)
+
+
+def _joined(parts: list) -> mx.array:
+    parts = [p for p in parts if p.shape[-1]]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def decode(layout: Layout, eviction: Eviction, q: mx.array, scale: float, new=None):
+    """One decode query (B, Hq, 1, D) over the cache -> (output, mass), or None (nothing
+    changed) when the fused kernel does not take this cache or these shapes.
+
+    ``new``: the step's (keys, values) (B, H, 1, D) when they go straight into the ring:
+    the eviction strategy places them (``Eviction.place``), the kernel quantizes them
+    into that slot as it attends, and their codes are stored after it; without ``new``
+    the tokens are stored already. ``mass`` (an eviction strategy learning from
+    attention; else None) is each held token's attention mass (B, H, T) in segment order
+    (sinks, ring, residual), the ring in its order after the store."""
+    if not _takes_fused(layout, eviction):
         return None
-    ring = _packed(layout.kc, layout.vc, layout.ring_keys, layout.ring_values, layout.ring_len)
+    placement = None
+    if new is not None:
+        if layout.kc.axis != "token":
+            return None
+        placement = eviction.place(layout, *new)
+        if placement is None:
+            return None
+    length = layout.ring_len if placement is None else placement.length
+    if not length:
+        return None
+    ring = _packed(layout.kc, layout.vc, layout.ring_keys, layout.ring_values, length)
     fk, fv = layout.float_part()
     rows = _decode_rows(eviction)
-    return (ring, fk, fv, rows) if fused_available(ring, q, fk, fv, stats=rows is not None) else None
-
-
-def attend_fused(q, scale, ring: QuantizedKV, fk, fv, rows: tuple[int, int] | None, *,
-                 sinks: int):
-    """One decode query (B, Hq, 1, D) over the packed ring then the float tokens (the
-    first ``sinks`` of them sinks, then the residual) -> (output, mass), for inputs
-    ``fused_inputs`` gave. With ``rows`` (an eviction strategy learning from attention)
-    the same call gives each held token's attention mass (B, H, T) in segment order
-    (sinks, ring, residual); else mass is None."""
-    stats = rows is not None
-    args = dict(scale=scale, ring=ring, float_keys=fk, float_values=fv, stats=stats)
-    out = sdpa_quantized_metal(q, **args)
-    if out is None:  # the kernel failed on this device just now (and is turned off)
-        out = sdpa_quantized_reference(q, **args)
-    if not stats:
-        return out, None
-    out, scores, lse = out
-    mass = attention_mass(scores, lse, kv_heads=fk.shape[1], rows=rows)
-    nq = ring.length
+    token = None if placement is None else NewToken(*new, placement.slot)
+    if not fused_available(ring, q, fk, fv, stats=rows is not None, new=token is not None):
+        return None
+    args = dict(scale=scale, ring=ring, float_keys=fk, float_values=fv, mass_rows=rows, new=token)
+    got = sdpa_quantized_metal(q, **args)
+    if got is None:  # the kernel failed on this device just now (and is turned off)
+        got = sdpa_quantized_reference(q, **args)
+    if placement is not None:
+        placement.store(got.new_keys, got.new_values)
+    if rows is None:
+        return got.out, None
+    sinks = layout.n_sinks
+    ring_mass = got.mass[..., :length]
+    if placement is not None and placement.ring_order is not None:
+        ring_mass = placement.ring_order(ring_mass)
     # kernel order (ring, sinks, residual) -> segment order (sinks, ring, residual)
-    mass = mx.concatenate([mass[..., nq : nq + sinks], mass[..., :nq], mass[..., nq + sinks :]], -1)
-    return out, mass
+    mass = _joined([got.mass[..., length : length + sinks], ring_mass, got.mass[..., length + sinks :]])
+    return got.out, mass
 
 
 def preflight(cache, *, dtype: mx.Dtype, head_dim: int, gqa: int) -> None:
     """Compile and run once, on tiny inputs and each in its own evaluation, every Metal
-    kernel instantiation ``cache``'s decode steps will use (the ring's quantizer, both
-    variants of the fused attention, the attention mass a scoring policy reads), so the
-    first use of each mid-generation costs no compile, and one Apple's compiler rejects
-    is turned off now (``kernels._metal.launch``). ``gqa``: query heads per kv head (the
-    kernels are built per group of query heads). Nothing to do without Metal."""
+    kernel instantiation ``cache``'s decode steps will use (the ring's quantizer for
+    prompt chunks, both variants of the fused attention: with the new token quantized
+    inside when decode tokens go straight into the ring, else without; each with the
+    attention mass when a scoring policy reads it), so the first use of each
+    mid-generation costs no compile, and one Apple's compiler rejects is turned off now
+    (``kernels._metal.launch``). ``gqa``: query heads per kv head (the kernels are built
+    per group of query heads). Nothing to do without Metal."""
     layout, eviction = cache.layout, cache.eviction
     if not metal_enabled() or not (layout.kc.bits or layout.vc.bits):
         return
@@ -74,17 +101,19 @@ def preflight(cache, *, dtype: mx.Dtype, head_dim: int, gqa: int) -> None:
     for codec in (layout.kc, layout.vc, layout.mkc, layout.mvc):
         if codec is not None and codec.bits is not None:
             mx.eval(codec.encode(mx.zeros((1, 1, codec.block, head_dim), dtype)))
-    if not (layout.kc.fusable and layout.vc.fusable) or eviction.shared_slots or layout.middle:
+    if not _takes_fused(layout, eviction):
         return
     kc, vc = layout.kc, layout.vc
     slots = max(kc.block, 32)
     ring = _packed(kc, vc, kc.alloc(1, 1, slots, head_dim, dtype),
                    vc.alloc(1, 1, slots, head_dim, dtype), slots)
     fk = fv = mx.zeros((1, 1, 2, head_dim), dtype)
-    stats = _decode_rows(eviction) is not None
+    rows = _decode_rows(eviction)
+    new = None
+    if layout.straight_to_ring() and kc.axis == "token":
+        token = mx.zeros((1, 1, 1, head_dim), dtype)
+        new = NewToken(token, token, mx.zeros((1, 1), mx.int32))
     for passes in (1, 2):
-        if fused_available(ring, x, fk, fv, stats=stats):
-            out = sdpa_quantized_metal(x, scale=1.0, ring=ring, float_keys=fk, float_values=fv,
-                                       stats=stats, passes=passes)
-            if stats and out is not None:
-                mx.eval(attention_mass(out[1], out[2], kv_heads=1, rows=(0, 1)))
+        if fused_available(ring, x, fk, fv, stats=rows is not None, new=new is not None):
+            mx.eval(sdpa_quantized_metal(x, scale=1.0, ring=ring, float_keys=fk, float_values=fv,
+                                         mass_rows=rows, new=new, passes=passes))

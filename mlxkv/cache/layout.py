@@ -150,10 +150,19 @@ class Layout:
         self.res_len = n
 
     def float_part(self) -> tuple[mx.array, mx.array]:
-        """Sinks then residual (B, H, n, D): the full-precision tokens held."""
-        ks = [self.sink_keys[..., : self.n_sinks, :], self.residual_keys[..., : self.res_len, :]]
-        vs = [self.sink_values[..., : self.n_sinks, :], self.residual_values[..., : self.res_len, :]]
+        """Sinks then residual (B, H, n, D): the full-precision tokens held (slices of
+        the buffers, joined only when both hold tokens)."""
+        ks = (self.sink_keys[..., : self.n_sinks, :], self.residual_keys[..., : self.res_len, :])
+        vs = (self.sink_values[..., : self.n_sinks, :], self.residual_values[..., : self.res_len, :])
+        if not self.res_len or not self.n_sinks:
+            at = 0 if self.n_sinks else 1
+            return ks[at], vs[at]
         return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
+
+    def straight_to_ring(self) -> bool:
+        """Whether a decode step's token, past the sinks, goes straight into the ring
+        (no residual or middle in between, a flush unit of one token)."""
+        return not (self.residual or self.middle) and self.unit == 1
 
     # ----- the middle -----------------------------------------------------------------
     def pass_middle(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
@@ -222,9 +231,12 @@ class Layout:
 
     def write_ring(self, slot: int, keys: mx.array, values: mx.array) -> None:
         """Encode ``keys``/``values`` (B, H, n, D) into ring slots ``slot .. slot + n``."""
-        ek, ev = encode_pair(self.kc, self.vc, keys, values)
-        self.kc.store(self.ring_keys, slot, ek, keys.shape[2])
-        self.vc.store(self.ring_values, slot, ev, values.shape[2])
+        self.store_ring(slot, *encode_pair(self.kc, self.vc, keys, values), keys.shape[2])
+
+    def store_ring(self, slot: int, keys: tuple, values: tuple, n: int) -> None:
+        """Put n tokens' storage (already in the ring's codecs) into slots ``slot ..``."""
+        self.kc.store(self.ring_keys, slot, keys, n)
+        self.vc.store(self.ring_values, slot, values, n)
 
     def ring_slots(self) -> tuple[tuple, tuple]:
         """The storage of the slots in use: (key parts, value parts)."""

@@ -20,13 +20,29 @@ How slots are grouped is a part of its own: ``PerHead`` here (each kv head its o
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import mlx.core as mx
 
 from ..policies import Policy
 from .codec import encode_pair
-from .eviction import Eviction
+from .eviction import Eviction, Placement
 from .layout import Layout
 from .window import WindowCache
+
+
+class _Admission(NamedTuple):
+    """Tokens entering a scored ring (as slots) and what stays: the held then entering
+    slots' score/pos/head, the tail statistics left, and the indices that stay, in ring
+    order (None: all)."""
+    keys: mx.array
+    values: mx.array
+    n: int
+    score: mx.array
+    pos: mx.array
+    head: mx.array | None
+    tail: mx.array
+    keep: mx.array | None
 
 
 class PerHead:
@@ -92,39 +108,71 @@ class Scored(Eviction):
             return self.tail[..., :length]
         return mx.concatenate([self.tail, mx.zeros((B, H, length - have), mx.float32)], -1)
 
-    def write(self, layout: Layout, keys: mx.array, values: mx.array) -> None:
+    def _admit(self, layout: Layout, keys: mx.array, values: mx.array) -> _Admission:
+        """Tokens entering the ring, scored, and which of the held and entering slots
+        stay (nothing changes yet)."""
         B, H, n, _ = keys.shape
         pos = layout.sinks + layout.flushed + mx.arange(n)
         tail = self._tail(B, H, max(n, 0 if self.tail is None else self.tail.shape[-1]))
         score = self.policy.enter(keys, pos) + tail[..., :n]
-        self.tail = tail[..., n:]
         pos = mx.broadcast_to(pos.astype(mx.int32), (B, H, n))
         keys, values, score, pos, head = self.slots.arrange(keys, values, score, pos)
-        new_k, new_v = encode_pair(layout.kc, layout.vc, keys, values)
         if layout.ring_len:
-            join = lambda a, b: mx.concatenate([a, b], axis=2)  # noqa: E731
-            held_k, held_v = layout.ring_slots()
-            new_k, new_v = tuple(map(join, held_k, new_k)), tuple(map(join, held_v, new_v))
             score = mx.concatenate([self.score, score], axis=-1)
             pos = mx.concatenate([self.pos, pos], axis=-1)
             head = None if head is None else mx.concatenate([self.head, head], axis=-1)
-        total = pos.shape[-1]
+        keep = None
         room = self.slots.slots(self.capacity, H)
-        if total > room:
+        if pos.shape[-1] > room:
             newest = layout.sinks + layout.flushed + n - 1
             rank = mx.where(pos > newest - self.recent, mx.inf, score)  # recent: always kept
             keep = self.slots.select(rank, head, room, self.capacity)
             order = self.slots.order(pos, head)
             keep = mx.take_along_axis(keep, mx.argsort(mx.take_along_axis(order, keep, -1), -1), -1)
-            pick = lambda a: mx.take_along_axis(  # noqa: E731
-                a, mx.broadcast_to(keep[..., None], (*keep.shape, a.shape[-1])), axis=2)
+        return _Admission(keys, values, n, score, pos, head, tail[..., n:], keep)
+
+    def _store(self, layout: Layout, a: _Admission, new_k: tuple, new_v: tuple) -> None:
+        """Write the admission ``a`` with the entering tokens' storage ``new_k``/``new_v``."""
+        if layout.ring_len:
+            join = lambda x, y: mx.concatenate([x, y], axis=2)  # noqa: E731
+            held_k, held_v = layout.ring_slots()
+            new_k, new_v = tuple(map(join, held_k, new_k)), tuple(map(join, held_v, new_v))
+        score, pos, head = a.score, a.pos, a.head
+        if a.keep is not None:
+            keep = a.keep
+            pick = lambda x: mx.take_along_axis(  # noqa: E731
+                x, mx.broadcast_to(keep[..., None], (*keep.shape, x.shape[-1])), axis=2)
             new_k, new_v = tuple(map(pick, new_k)), tuple(map(pick, new_v))
             score, pos = mx.take_along_axis(score, keep, -1), mx.take_along_axis(pos, keep, -1)
             head = None if head is None else mx.take_along_axis(head, keep, -1)
-            total = room
-        layout.set_ring(new_k, new_v, total)
-        self.score, self.pos, self.head = score, pos, head
-        layout.flushed += n
+        layout.set_ring(new_k, new_v, pos.shape[-1])
+        self.score, self.pos, self.head, self.tail = score, pos, head, a.tail
+        layout.flushed += a.n
+
+    def write(self, layout: Layout, keys: mx.array, values: mx.array) -> None:
+        a = self._admit(layout, keys, values)
+        self._store(layout, a, *encode_pair(layout.kc, layout.vc, a.keys, a.values))
+
+    def place(self, layout, keys, values):
+        """Per-head slots with a ring already: the new token (always among the ``recent``
+        kept) goes after the held slots, or, once the ring is full, takes the one slot
+        the policy evicts (the held slot missing from what stays)."""
+        if self.shared_slots or not layout.ring_len or self.recent < 1:
+            return None
+        a = self._admit(layout, keys, values)
+        held = layout.ring_len
+        if a.keep is None:
+            return Placement(mx.full(keys.shape[:2], held, mx.int32), held + 1,
+                             lambda k, v: self._store(layout, a, k, v))
+        stays = mx.put_along_axis(mx.zeros(a.pos.shape, mx.int32), a.keep,
+                                  mx.array(1, mx.int32), axis=-1)
+        slot = mx.argmin(stays[..., :held], axis=-1).astype(mx.int32)
+
+        def ring_order(mass):  # held-slot order, the new token in `slot` -> the kept order
+            joined = mx.concatenate([mass, mx.take_along_axis(mass, slot[..., None], -1)], -1)
+            return mx.take_along_axis(joined, a.keep, -1)
+
+        return Placement(slot, held, lambda k, v: self._store(layout, a, k, v), ring_order)
 
     def positions(self, layout):
         return None  # per head (``pos``), each head's slots in position order

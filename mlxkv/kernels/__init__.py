@@ -7,7 +7,6 @@ Metal device is present and the shape is supported, the reference otherwise.
 """
 
 from ._metal import mode as kernel_mode, use_metal
-from .attention_stats import attention_mass
 from .quantize_rows import quantize_rows
 from .sdpa_quantized import QuantizedKV, sdpa_quantized
 
@@ -19,4 +18,4 @@ def metal_enabled() -> bool:
     return use_metal(True)
 
 
-__all__ = ["QuantizedKV", "attention_mass", "kernel_mode", "metal_enabled", "quantize_rows", "sdpa_quantized"]
+__all__ = ["QuantizedKV", "kernel_mode", "metal_enabled", "quantize_rows", "sdpa_quantized"]

@@ -38,15 +38,17 @@ def source(name: str) -> str:
 _BUILT: dict = {}
 
 
-def kernel(name: str, inputs: list[str], outputs: list[str], *, header: str = "", **options):
-    """``mx.fast.metal_kernel`` for ``metal_kernels/<name>.metal``, built once per source
-    and per kernel factory (so a simulator put in its place gets its own build)."""
+def kernel(name: str, inputs: list[str], outputs: list[str], *, header: tuple[str, ...] = (),
+           **options):
+    """``mx.fast.metal_kernel`` for ``metal_kernels/<name>.metal`` after the ``header``
+    files, in order, built once per source and per kernel factory (so a simulator put in
+    its place gets its own build)."""
     factory = mx.fast.metal_kernel
     key = (name, tuple(inputs), tuple(outputs), header, id(factory))
     built = _BUILT.get(key)
     if built is None or built[0] is not factory:
         # `#line` names the header in compile errors, Apple's and the simulator's
-        head = f'#line 1 "{header}"\n' + source(header) if header else ""
+        head = "".join(f'#line 1 "{h}"\n' + source(h) for h in header)
         fn = factory(name=name, input_names=inputs, output_names=outputs,
                      source=source(f"{name}.metal"), header=head, **options)
         built = _BUILT[key] = (factory, fn)
@@ -85,7 +87,7 @@ def failed(name: str, template) -> bool:
 
 
 def launch(name: str, inputs_names: list[str], outputs: list[str], *, inputs, template,
-           header: str = "", **call):
+           header: tuple[str, ...] = (), **call):
     """Launch ``metal_kernels/<name>.metal``; returns its outputs, or None if it failed.
 
     Apple's compiler only sees a kernel on the device, so in ``auto`` mode the first

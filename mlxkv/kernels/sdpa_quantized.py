@@ -15,6 +15,7 @@ once before calling.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -104,7 +105,30 @@ def split(q, fk, ring: QuantizedKV | None, passes=None) -> int:
     return nb
 
 
-def _template(ring: QuantizedKV | None, q, DV: int, R: int, stats: bool) -> list:
+@dataclass(frozen=True)
+class NewToken:
+    """A decode step's new token, which the kernel quantizes itself (no quantizer launch):
+    it takes ring slot ``slot`` (B, H) int32 (< the ring's ``length``; whatever is stored
+    there is not read), is attended as its codes read back, and its codes come out
+    (``Fused.new_keys``/``new_values``) for the cache to store. Per-token affine codecs,
+    one query row. keys (B, H, 1, D), values (B, H, 1, DV) at full precision."""
+    keys: mx.array
+    values: mx.array
+    slot: mx.array
+
+
+class Fused(NamedTuple):
+    """What one fused attention call gives: the output (B, Hq, L, DV); with ``mass_rows``
+    the attention mass (B, H, NQ + NF) each token got from those query rows, summed over
+    the query heads of its kv head (else None); with ``new`` the new token's storage,
+    (w, scales, biases) each (B, H, 1, ..), for keys and values (else None)."""
+    out: mx.array
+    mass: mx.array | None = None
+    new_keys: tuple | None = None
+    new_values: tuple | None = None
+
+
+def _template(ring: QuantizedKV | None, q, DV: int, R: int, stats: bool, new: bool) -> list:
     dt, D = q.dtype, q.shape[-1]
     if ring is None or ring.length == 0:  # no ring: any valid widths (nothing is read)
         kb_, vb_, kg, vg, kch = 4, 4, 32, 32, False
@@ -112,76 +136,140 @@ def _template(ring: QuantizedKV | None, q, DV: int, R: int, stats: bool) -> list
         kb_, vb_, kg, vg = ring.key_bits, ring.value_bits, ring.key_group, ring.value_group
         kch = ring.key_mode == "channel"
     return [("T", dt), ("D", D), ("DV", DV), ("KB", kb_), ("KG", kg), ("VB", vb_),
-            ("VG", vg), ("KCH", kch), ("BN", SIMDGROUPS), ("R", R), ("STATS", bool(stats))]
+            ("VG", vg), ("KCH", kch), ("BN", SIMDGROUPS), ("R", R), ("STATS", bool(stats)),
+            ("NEW", bool(new))]
 
 
-def _plan(ring: QuantizedKV | None, q, fk, fv, stats: bool, passes=None) -> tuple[int, list]:
+def _plan(ring: QuantizedKV | None, q, fk, fv, stats: bool, passes=None,
+          new: bool = False) -> tuple[int, list]:
     """The token blocks of one call (``split``) and its (kernel, template) launches, in order."""
-    template = _template(ring, q, fv.shape[-1], group_size(q.shape[1], fk.shape[1]), stats)
+    R = group_size(q.shape[1], fk.shape[1])
+    template = _template(ring, q, fv.shape[-1], R, stats, new)
     nb = split(q, fk, ring, passes)
     if nb == 1:
         return nb, [("sdpa_quantized", template)]
     return nb, [("sdpa_quantized_pass1", template),
-                ("sdpa_quantized_pass2", [("T", q.dtype), ("DV", fv.shape[-1]), ("STATS", bool(stats))])]
+                ("sdpa_quantized_pass2", [("T", q.dtype), ("DV", fv.shape[-1]), ("R", R),
+                                          ("STATS", bool(stats))])]
 
 
-def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, stats=False, passes=None):
+def _mass(mass: mx.array, kv_heads: int, rows: tuple[int, int]) -> mx.array:
+    """The kernel's mass per (batch, group of R heads, row) (B, Hq / R, L, T) -> the mass
+    from ``rows`` per kv head (B, H, T) (a reshape for a decode step with R = Hq / H)."""
+    B, groups, L, T = mass.shape
+    if groups == kv_heads and rows == (0, L) and L == 1:
+        return mass.reshape(B, kv_heads, T)
+    m = mass.reshape(B, kv_heads, groups // kv_heads, L, T)
+    return m[:, :, :, rows[0] : rows[1]].sum(axis=(2, 3))
+
+
+def _dummy(dtype) -> mx.array:
+    return mx.zeros((1,), dtype)
+
+
+def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, mass_rows=None,
+                         new: NewToken | None = None, passes=None) -> Fused | None:
+    """The Metal kernels (None if an instantiation failed on this device just now)."""
     B, Hq, L, D = q.shape
     H, nf, DV = float_keys.shape[1], float_keys.shape[2], float_values.shape[3]
     dt = q.dtype
+    stats = mass_rows is not None
+    if new is not None and (L != 1 or ring is None or ring.key_mode != "token"):
+        raise ValueError("a new token is quantized in the kernel for one query row over "
+                         "a ring with per-token keys")
     if nf == 0:  # kernels take no empty buffers
         float_keys, float_values = mx.zeros((B, H, 1, D), dt), mx.zeros((B, H, 1, DV), dt)
     if ring is None or ring.length == 0:
-        z = mx.zeros((1,), mx.uint32)
-        zs = mx.zeros((1,), dt)
+        z, zs = _dummy(mx.uint32), _dummy(dt)
         keys, values, nq, alloc = (z, zs, zs), (z, zs, zs), 0, 0
     else:
         keys, values, nq, alloc = ring.keys, ring.values, ring.length, ring.allocated
     T = nq + nf
     rows = B * Hq * L
-    groups = B * (Hq // group_size(Hq, H)) * L  # threadgroups per token block
-    nb, plan = _plan(ring, q, float_keys, float_values, stats, passes)
+    R = group_size(Hq, H)
+    groups = B * (Hq // R) * L  # threadgroups per token block
+    nb, plan = _plan(ring, q, float_keys, float_values, stats, passes, new is not None)
     template = plan[0][1]
-    inputs = [q, mx.array(scale, mx.float32), *keys, *values, float_keys, float_values]
-    names = ["q", "scale", "kw", "ks", "kb", "vw", "vs", "vb", "kf", "vf", "dims"]
+    if new is not None:
+        extra = [new.keys, new.values, new.slot.astype(mx.int32)]
+        kc, vc = (D * ring.key_bits // 32, D // ring.key_group), (DV * ring.value_bits // 32, DV // ring.value_group)
+        new_shapes = [(B * H, kc[0]), (B * H, kc[1]), (B * H, kc[1]),
+                      (B * H, vc[0]), (B * H, vc[1]), (B * H, vc[1])]
+    else:
+        extra = [_dummy(dt), _dummy(dt), _dummy(mx.int32)]
+        new_shapes = [(1,)] * 6
+    new_dtypes = [mx.uint32, dt, dt] * 2
+    inputs = [q, mx.array(scale, mx.float32), *keys, *values, float_keys, float_values, *extra]
+    names = ["q", "scale", "kw", "ks", "kb", "vw", "vs", "vb", "kf", "vf", "kn", "vn", "nslot", "dims"]
+    new_names = ["nkw", "nks", "nkb", "nvw", "nvs", "nvb"]
+    header = ("affine.h", "kv_attention.h")
     score_shape = (B, Hq, L, T) if stats else (1,)
+    mass_shape = (B, Hq // R, L, T) if stats else (1,)
     if len(plan) == 1:
         outs = _metal.launch(
-            "sdpa_quantized", names, ["out", "scores", "lse"], header="kv_attention.h",
+            "sdpa_quantized", names, ["out", "mass", "scores", *new_names], header=header,
             inputs=inputs + [mx.array([nq, alloc, nf, L, H, Hq], mx.int32)], template=template,
             grid=(32, SIMDGROUPS, groups), threadgroup=(32, SIMDGROUPS, 1),
-            output_shapes=[(B, Hq, L, DV), score_shape, (B, Hq, L) if stats else (1,)],
-            output_dtypes=[dt, mx.float32, mx.float32])
+            output_shapes=[(B, Hq, L, DV), mass_shape, score_shape, *new_shapes],
+            output_dtypes=[dt, mx.float32, mx.float32, *new_dtypes])
         if outs is None:
             return None
-        out, scores, lse = outs
+        out, mass, _, *coded = outs
     else:
         bs = -(-T // nb)
         outs = _metal.launch(
-            "sdpa_quantized_pass1", names, ["po", "pm", "pl", "scores"], header="kv_attention.h",
-            inputs=inputs + [mx.array([nq, alloc, nf, L, H, Hq, nb, bs], mx.int32)],
+            "sdpa_quantized_pass1", names, ["po", "pm", "pl", "scores", *new_names],
+            header=header, inputs=inputs + [mx.array([nq, alloc, nf, L, H, Hq, nb, bs], mx.int32)],
             template=template, grid=(32, SIMDGROUPS, groups * nb), threadgroup=(32, SIMDGROUPS, 1),
-            output_shapes=[(rows, nb, DV), (rows, nb), (rows, nb), score_shape],
-            output_dtypes=[dt] + [mx.float32] * 3)  # partial outputs in the input dtype
+            output_shapes=[(rows, nb, DV), (rows, nb), (rows, nb), score_shape, *new_shapes],
+            output_dtypes=[dt] + [mx.float32] * 3 + new_dtypes)  # partial outputs in the input dtype
         if outs is None:
             return None
-        po, pm, pl, scores = outs
+        po, pm, pl, scores, *coded = outs
         outs = _metal.launch(
-            "sdpa_quantized_pass2", ["po", "pm", "pl", "dims"], ["out", "lse"],
-            inputs=[po, pm, pl, mx.array([nb], mx.int32)],
-            template=plan[1][1], grid=(32, 1, rows), threadgroup=(32, 1, 1),
-            output_shapes=[(B, Hq, L, DV), (B, Hq, L) if stats else (1,)],
-            output_dtypes=[dt, mx.float32])
+            "sdpa_quantized_pass2", ["po", "pm", "pl", "scores", "dims"], ["out", "mass"],
+            header=header, inputs=[po, pm, pl, scores, mx.array([nb, L, H, Hq, T], mx.int32)],
+            template=plan[1][1], grid=(32, R, groups), threadgroup=(32, R, 1),
+            output_shapes=[(B, Hq, L, DV), mass_shape], output_dtypes=[dt, mx.float32])
         if outs is None:
             return None
-        out, lse = outs
-    return (out, scores, lse) if stats else out
+        out, mass = outs
+    result = Fused(out, _mass(mass, H, mass_rows) if stats else None)
+    if new is not None:
+        parts = [c.reshape(B, H, 1, -1) for c in coded]
+        result = result._replace(new_keys=tuple(parts[:3]), new_values=tuple(parts[3:]))
+    return result
 
 
-def sdpa_quantized_reference(q, *, scale, ring, float_keys, float_values, stats=False):
+def _with_new(ring: QuantizedKV, new: NewToken) -> tuple[QuantizedKV, tuple, tuple]:
+    """``ring`` with ``new`` quantized (``mx.quantize``) into its slot, and its storage."""
+    coded_k = mx.quantize(new.keys, group_size=ring.key_group, bits=ring.key_bits)
+    coded_v = mx.quantize(new.values, group_size=ring.value_group, bits=ring.value_bits)
+
+    def put(parts, coded):
+        out = []
+        for a, c in zip(parts, coded):
+            if a.shape[2] < ring.length:  # the new slot is past the storage's end
+                a = mx.concatenate([a, mx.zeros((*a.shape[:2], ring.length - a.shape[2], a.shape[3]),
+                                                a.dtype)], axis=2)
+            at = mx.broadcast_to(new.slot.astype(mx.int32)[..., None, None], c.shape)
+            out.append(mx.put_along_axis(a, at, c, axis=2))
+        return tuple(out)
+
+    ring = QuantizedKV(keys=put(ring.keys, coded_k), values=put(ring.values, coded_v),
+                       length=ring.length, key_bits=ring.key_bits, key_group=ring.key_group,
+                       value_bits=ring.value_bits, value_group=ring.value_group)
+    return ring, coded_k, coded_v
+
+
+def sdpa_quantized_reference(q, *, scale, ring, float_keys, float_values, mass_rows=None,
+                             new: NewToken | None = None) -> Fused:
     B, Hq, L, D = q.shape
     H = float_keys.shape[1]
     nf = float_keys.shape[2]
+    coded = (None, None)
+    if new is not None:
+        ring, *coded = _with_new(ring, new)
     k, v = float_keys, float_values
     nq = 0 if ring is None else ring.length
     if nq:
@@ -196,11 +284,15 @@ def sdpa_quantized_reference(q, *, scale, ring, float_keys, float_values, stats=
     p = mx.exp(s - lse[..., None])
     p = mx.where(mx.isnan(p), 0.0, p)  # rows that see nothing
     out = (p.reshape(B, H, -1, nq + nf) @ v.astype(mx.float32)).reshape(B, Hq, L, -1).astype(q.dtype)
-    return (out, s, lse) if stats else out
+    mass = None
+    if mass_rows is not None:
+        lo, hi = mass_rows
+        mass = p[:, :, lo:hi].reshape(B, H, Hq // H, hi - lo, nq + nf).sum(axis=(2, 3))
+    return Fused(out, mass, *coded)
 
 
 def fused_available(ring: QuantizedKV | None, q, float_keys, float_values, *,
-                    stats: bool = False) -> bool:
+                    stats: bool = False, new: bool = False) -> bool:
     """Whether ``sdpa_quantized`` would run the Metal kernel for these arrays (callers
     with a faster non-Metal path of their own use it to choose): Metal is on, the shapes
     are supported, and none of the kernel instantiations it needs failed here."""
@@ -212,20 +304,23 @@ def fused_available(ring: QuantizedKV | None, q, float_keys, float_values, *,
         return False
     return _metal.use_metal(_dims_ok(ring, q, float_keys, float_values)) and not any(
         _metal.failed(name, template)
-        for name, template in _plan(ring, q, float_keys, float_values, stats)[1])
+        for name, template in _plan(ring, q, float_keys, float_values, stats, new=new)[1])
 
 
 def sdpa_quantized(q: mx.array, *, scale: float, ring: QuantizedKV | None, float_keys: mx.array,
-                   float_values: mx.array, stats: bool = False):
+                   float_values: mx.array, mass_rows: tuple[int, int] | None = None):
     """Attention of q (B, Hq, L, D) over ``ring`` then ``float_keys``/``float_values``
     (B, H, NF, D/DV; the last L are the queries' own tokens, causal) -> (B, Hq, L, DV).
 
-    With ``stats`` also returns the scaled scores (B, Hq, L, NQ + NF) (-inf where a row
-    cannot see a token) and each row's log-sum-exp (B, Hq, L), for ``attention_mass``."""
+    With ``mass_rows`` (start, stop) also returns the attention mass (B, H, NQ + NF) each
+    token got from those query rows, summed over the query heads of each kv head (what
+    eviction policies learn from), reduced in the same launches: ``(out, mass)``."""
+    stats = mass_rows is not None
+    args = dict(scale=scale, ring=ring, float_keys=float_keys, float_values=float_values,
+                mass_rows=mass_rows)
+    got = None
     if fused_available(ring, q, float_keys, float_values, stats=stats):
-        out = sdpa_quantized_metal(q, scale=scale, ring=ring, float_keys=float_keys,
-                                   float_values=float_values, stats=stats)
-        if out is not None:
-            return out
-    return sdpa_quantized_reference(q, scale=scale, ring=ring, float_keys=float_keys,
-                                    float_values=float_values, stats=stats)
+        got = sdpa_quantized_metal(q, **args)
+    if got is None:
+        got = sdpa_quantized_reference(q, **args)
+    return (got.out, got.mass) if stats else got.out
