@@ -144,9 +144,10 @@ class CompressedCache:
         return rotate(x, self._signs)
 
     def update_and_fetch(self, keys, values):
-        """Take L new tokens, stored by ``attend``: one token before its attention (or
-        in the same kernel launch, ``fused.decode``), a longer chunk after it, so its
-        queries can still see what it will evict."""
+        """Take L new tokens. One token is stored at once, unless the fused Metal kernel
+        will store it in its attention's launch (``fused.decode``, from ``attend``); a
+        longer chunk is stored after its attention (``attend``), so its queries can still
+        see what it will evict."""
         self._commit()
         if self.layout.empty:
             self.eviction.check_batch(keys.shape[0])
@@ -157,6 +158,9 @@ class CompressedCache:
             keys = self._rot(keys)
         self._pending = (keys, values, self.offset)
         self.offset += keys.shape[2]
+        if keys.shape[2] == 1 and not (fused.takes(self.layout, self.eviction)
+                                       and self._straight_to_ring()):
+            self._commit()
         return keys, values
 
     def _commit(self):
@@ -278,7 +282,7 @@ class CompressedCache:
     def _decode_fused(self, q, scale):
         """A decode step on the fused Metal kernel (``fused.decode``), the pending token
         stored on the way: (output, mass) or None (then the token is still pending)."""
-        if not fused.metal_enabled():
+        if not fused.takes(self.layout, self.eviction):
             return None
         new = None if self._pending is None else self._straight_to_ring()
         if new is None:

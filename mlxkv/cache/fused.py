@@ -28,7 +28,7 @@ def _decode_rows(eviction: Eviction) -> tuple[int, int] | None:
     return eviction.observed_rows((0, 1, 1))
 
 
-def _takes_fused(layout: Layout, eviction: Eviction) -> bool:
+def takes(layout: Layout, eviction: Eviction) -> bool:
     """Metal is on, the ring is in codecs the kernel reads, each kv head has its own ring
     (not a shared pool) and there is no middle (the kernel reads one ring)."""
     return (metal_enabled() and layout.kc.fusable and layout.vc.fusable
@@ -50,7 +50,7 @@ def decode(layout: Layout, eviction: Eviction, q: mx.array, scale: float, new=No
     the tokens are stored already. ``mass`` (an eviction strategy learning from
     attention; else None) is each held token's attention mass (B, H, T) in segment order
     (sinks, ring, residual), the ring in its order after the store."""
-    if not _takes_fused(layout, eviction):
+    if not takes(layout, eviction):
         return None
     placement = None
     if new is not None:
@@ -101,7 +101,7 @@ def preflight(cache, *, dtype: mx.Dtype, head_dim: int, gqa: int) -> None:
     for codec in (layout.kc, layout.vc, layout.mkc, layout.mvc):
         if codec is not None and codec.bits is not None:
             mx.eval(codec.encode(mx.zeros((1, 1, codec.block, head_dim), dtype)))
-    if not _takes_fused(layout, eviction):
+    if not takes(layout, eviction):
         return
     kc, vc = layout.kc, layout.vc
     slots = max(kc.block, 32)
