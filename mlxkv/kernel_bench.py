@@ -146,15 +146,17 @@ class TrafficRow:
     read_mb: float         # device bytes all its launches read (each byte once per threadgroup)
     ratio: float           # read / packed: 1 when every cache byte is read once
     launches: int          # kernel launches of the attention call
+    mass_ratio: float      # read / packed when the call also reduces the attention mass
+    mass_launches: int     # (a scoring policy's decode step) and its launches
 
 
 TRAFFIC_HEADER = (f"{'gqa':>4} {'tokens':>7} {'packed KV MB':>12} {'read MB':>8} "
-                  f"{'read/packed':>11} {'launches':>8}")
+                  f"{'read/packed':>11} {'launches':>8} {'+mass r/p':>9} {'launches':>8}")
 
 
 def format_traffic_row(r: TrafficRow) -> str:
     return (f"{r.gqa:4d} {r.length:7d} {r.packed_mb:12.3f} {r.read_mb:8.3f} {r.ratio:11.2f} "
-            f"{r.launches:8d}")
+            f"{r.launches:8d} {r.mass_ratio:9.2f} {r.mass_launches:8d}")
 
 
 def run_traffic_bench(*, lengths, ratios=(1, 3, 4, 8), bits: int = 4, group_size: int = 64,
@@ -172,23 +174,28 @@ def run_traffic_bench(*, lengths, ratios=(1, 3, 4, 8), bits: int = 4, group_size
                 q, _, _, ring, empty = _decode_case(
                     n, q_heads=r, kv_heads=1, head_dim=head_dim, bits=bits,
                     group_size=group_size, dtype=dtype, seed=n + r, quantize=mx.quantize)
-                before = len(sim.traffic)
-                mx.eval(sdpa_quantized(q, scale=head_dim ** -0.5, ring=ring, float_keys=empty,
-                                       float_values=empty))
-                launches = sim.traffic[before:]
                 packed = sum(a.nbytes for a in (*ring.keys, *ring.values))
-                read = sum(sum(t.read.values()) for t in launches)
+                counts = []
+                for rows_ in (None, (0, 1)):  # plain; with a scoring policy's attention mass
+                    before = len(sim.traffic)
+                    mx.eval(sdpa_quantized(q, scale=head_dim ** -0.5, ring=ring, float_keys=empty,
+                                           float_values=empty, mass_rows=rows_))
+                    launches = sim.traffic[before:]
+                    counts.append((sum(sum(t.read.values()) for t in launches), len(launches)))
+                (read, launches), (mass_read, mass_launches) = counts
                 row = TrafficRow(gqa=r, length=n, packed_mb=packed / 1e6, read_mb=read / 1e6,
-                                 ratio=read / packed, launches=len(launches))
+                                 ratio=read / packed, launches=launches,
+                                 mass_ratio=mass_read / packed, mass_launches=mass_launches)
                 rows.append(row)
                 log(format_traffic_row(row))
     return rows
 
 
-def decode_launches(*, tokens: int = 1024, steps: int = 4, q_heads: int = 9, kv_heads: int = 3,
+def decode_launches(*, lengths=(200, 1024), steps: int = 4, q_heads: int = 9, kv_heads: int = 3,
                     head_dim: int = 64) -> dict[str, float]:
     """Kernel launches per layer per decode step, on a small random llama of the given
-    head shape, for a growing 4-bit cache and a 4-bit window evicting by snapkv."""
+    head shape, for a growing 4-bit cache and a 4-bit window evicting by snapkv, after
+    prompts of each of ``lengths`` tokens (short: one pass; long: split in two)."""
     import importlib
 
     from .cache.config import CacheConfig, make_cache
@@ -200,22 +207,24 @@ def decode_launches(*, tokens: int = 1024, steps: int = 4, q_heads: int = 9, kv_
         model_type="llama", hidden_size=q_heads * head_dim, num_hidden_layers=2,
         intermediate_size=256, num_attention_heads=q_heads, num_key_value_heads=kv_heads,
         head_dim=head_dim, rms_norm_eps=1e-5, vocab_size=256, rope_theta=10000.0,
-        max_position_embeddings=2 * tokens, tie_word_embeddings=True))
+        max_position_embeddings=2 * max(lengths), tie_word_embeddings=True))
     model = llama.Model(args)
     route(model)
     sim = Simulator()
     out = {}
-    configs = {"4-bit": CacheConfig(key_bits=4, value_bits=4),
-               "4-bit window snapkv": CacheConfig(key_bits=4, value_bits=4, window=tokens,
-                                                  policy="snapkv")}
     with simulated(sim):
-        for name, config in configs.items():
-            cache = make_cache(model, config)
-            logits = model(mx.random.randint(0, 256, (1, tokens)), cache=cache)
-            mx.eval(logits)
-            before = sum(sim.launches.values())
-            for _ in range(steps):
-                logits = model(mx.argmax(logits[:, -1:], axis=-1), cache=cache)
+        for tokens in lengths:
+            configs = {"4-bit": CacheConfig(key_bits=4, value_bits=4),
+                       "4-bit window snapkv": CacheConfig(key_bits=4, value_bits=4,
+                                                          window=tokens, policy="snapkv")}
+            for name, config in configs.items():
+                cache = make_cache(model, config)
+                logits = model(mx.random.randint(0, 256, (1, tokens)), cache=cache)
                 mx.eval(logits)
-            out[name] = (sum(sim.launches.values()) - before) / (steps * args.num_hidden_layers)
+                before = sum(sim.launches.values())
+                for _ in range(steps):
+                    logits = model(mx.argmax(logits[:, -1:], axis=-1), cache=cache)
+                    mx.eval(logits)
+                launched = sum(sim.launches.values()) - before
+                out[f"{name}, {tokens} tokens"] = launched / (steps * args.num_hidden_layers)
     return out

@@ -337,11 +337,16 @@ def test_bench_kernels_cli_on_the_simulator(tmp_path, monkeypatch, capsys):
     assert [(t["gqa"], t["length"]) for t in traffic] == [(g, n) for g in (1, 3, 4, 8) for n in (40, 600)]
     for t in traffic:
         assert t["read_mb"] >= t["packed_mb"] and t["launches"] == (1 if t["length"] == 40 else 2)
+        # the attention mass costs no launch; a split call's second pass reads the scores
+        # (a single pass reads back what its threadgroup wrote: not counted as traffic)
+        assert t["mass_launches"] == t["launches"] and t["ratio"] <= t["mass_ratio"]
+        assert (t["ratio"] < t["mass_ratio"]) == (t["launches"] == 2)
     assert min(t["ratio"] for t in traffic if t["gqa"] == 1) < 1.3
     launches = doc["launches_per_layer_step"]
     # a decode step: the attention's one or two launches, nothing else (the new token's
     # quantizer and a scoring policy's attention mass are inside them)
-    assert launches == {"4-bit": 2, "4-bit window snapkv": 2}
+    assert launches == {"4-bit, 200 tokens": 1, "4-bit window snapkv, 200 tokens": 1,
+                        "4-bit, 1024 tokens": 2, "4-bit window snapkv, 1024 tokens": 2}
     printed = capsys.readouterr().out
     assert "x sdpa" in printed and "    600" in printed and "read/packed" in printed
 

@@ -55,8 +55,8 @@ def run_kernels(args) -> int:
                                     group_size=default_group(args.kernel_head_dim))
         launches = decode_launches(q_heads=heads[0], kv_heads=heads[1],
                                    head_dim=args.kernel_head_dim)
-        print("\nkernel launches per layer per decode step (1024 tokens): "
-              + ", ".join(f"{k} {v:g}" for k, v in launches.items()))
+        print("\nkernel launches per layer per decode step: "
+              + ", ".join(f"{k}: {v:g}" for k, v in launches.items()))
     if args.json:
         with open(args.json, "w") as f:
             doc = [asdict(r) for r in rows]
