@@ -15,6 +15,7 @@ once before calling.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -163,8 +164,19 @@ def _mass(mass: mx.array, kv_heads: int, rows: tuple[int, int]) -> mx.array:
     return m[:, :, :, rows[0] : rows[1]].sum(axis=(2, 3))
 
 
+@lru_cache(maxsize=64)
+def _zeros(shape: tuple, dtype) -> mx.array:
+    """Zeros for an input a call does not use (built once per shape, not per call)."""
+    return mx.zeros(shape, dtype)
+
+
+@lru_cache(maxsize=16)
+def _scalar(value: float) -> mx.array:
+    return mx.array(value, mx.float32)
+
+
 def _dummy(dtype) -> mx.array:
-    return mx.zeros((1,), dtype)
+    return _zeros((_metal.MIN_DEVICE_ELEMENTS,), dtype)  # never padded per call
 
 
 def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, mass_rows=None,
@@ -178,7 +190,7 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, mass_rows=
         raise ValueError("a new token is quantized in the kernel for one query row over "
                          "a ring with per-token keys")
     if nf == 0:  # kernels take no empty buffers
-        float_keys, float_values = mx.zeros((B, H, 1, D), dt), mx.zeros((B, H, 1, DV), dt)
+        float_keys, float_values = _zeros((B, H, 1, D), dt), _zeros((B, H, 1, DV), dt)
     if ring is None or ring.length == 0:
         z, zs = _dummy(mx.uint32), _dummy(dt)
         keys, values, nq, alloc = (z, zs, zs), (z, zs, zs), 0, 0
@@ -199,7 +211,7 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, mass_rows=
         extra = [_dummy(dt), _dummy(dt), _dummy(mx.int32)]
         new_shapes = [(1,)] * 6
     new_dtypes = [mx.uint32, dt, dt] * 2
-    inputs = [q, mx.array(scale, mx.float32), *keys, *values, float_keys, float_values, *extra]
+    inputs = [q, _scalar(float(scale)), *keys, *values, float_keys, float_values, *extra]
     names = ["q", "scale", "kw", "ks", "kb", "vw", "vs", "vb", "kf", "vf", "kn", "vn", "nslot", "dims"]
     new_names = ["nkw", "nks", "nkb", "nvw", "nvs", "nvb"]
     header = ("affine.h", "kv_attention.h")

@@ -61,6 +61,7 @@ import mmap
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -288,6 +289,7 @@ class Simulator:
 
     def _run(self, name, lib, ptrs, grid, group, ranges=(), counts=None):
         report = mmap.mmap(-1, 4096)
+        _quiesce()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process
             pid = os.fork()
@@ -323,6 +325,17 @@ class Simulator:
         code = os.WEXITSTATUS(status)
         if code:
             raise SimulatorError(f"kernel {name!r}: {message or f'worker exit {code}'}")
+
+
+def _quiesce() -> None:
+    """Wait until nothing runs in MLX's worker threads, before a fork: OpenBLAS's fork
+    handler waits for its threads, and with a matmul still running in one it waited
+    forever (seen: the step mlx-lm's ``generate_step`` queues ahead with ``async_eval``,
+    still running on its generation stream after a generation that stopped early)."""
+    mx.synchronize()
+    generate = sys.modules.get("mlx_lm.generate")
+    if generate is not None:
+        mx.synchronize(generate.generation_stream)
 
 
 def metal_kernel(*args, **kwargs):
