@@ -53,8 +53,8 @@ void mlxkv_quantize_token(const device T* x, uint lane, threadgroup float* deq,
 
 // Online softmax attention of the R query heads of one GQA group (rows at the same
 // position, `qstride` apart) over tokens [t0, t1) of a cache made of nq quantized ring
-// slots followed by nf full-precision tokens (of which the first `visible_f` are visible
-// to these rows). Each key and value element is read and dequantized once and serves all
+// slots followed by full-precision tokens: ns sinks (ks_/vs_ below: kf/vf) then the rest
+// (kr/vr: residual, chunk), of which the first `visible_f` are visible to these rows. Each key and value element is read and dequantized once and serves all
 // R heads. The BN simdgroups of the threadgroup take tokens in turn, MLXKV_TILE at a time
 // (one max/rescale per tile and head); each lane owns D/32 query elements and DV/32
 // output elements of every head. Ring slot `slot` (-1: none) is read from `tk`/`tv`
@@ -69,7 +69,7 @@ void mlxkv_attend_block(
     const device T* q, int qstride, float scale,
     const device uint32_t* kw, const device T* ks, const device T* kb,
     const device uint32_t* vw, const device T* vs, const device T* vb,
-    const device T* kf, const device T* vf,
+    const device T* kf, const device T* vf, int ns, const device T* kr, const device T* vr,
     int nq, int alloc, int visible_f, int t0, int t1, int slot,
     const threadgroup float* tk, const threadgroup float* tv, uint lane, uint sg,
     threadgroup float* tm, threadgroup float* tl, threadgroup float* to,
@@ -140,7 +140,8 @@ void mlxkv_attend_block(
         for (int e = 0; e < E; e++) {
           int d = d0 + e;
           if (!quant) {
-            k[e] = float(kf[(t - nq) * D + d]);
+            int j = t - nq;  // a sink, or past them
+            k[e] = float(j < ns ? kf[j * D + d] : kr[(j - ns) * D + d]);
           } else if (t == slot) {
             k[e] = tk[d];
           } else {  // per channel: codes along the tokens, a group per channel
@@ -194,8 +195,10 @@ void mlxkv_attend_block(
       }
       float v[EV];
       if (t >= nq) {
+        int j = t - nq;
+        const device T* vp = j < ns ? vf + j * DV : vr + (j - ns) * DV;
         for (int e = 0; e < EV; e++) {
-          v[e] = float(vf[(t - nq) * DV + dv0 + e]);
+          v[e] = float(vp[dv0 + e]);
         }
       } else if (t == slot) {
         for (int e = 0; e < EV; e++) {

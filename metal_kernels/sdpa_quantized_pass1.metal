@@ -2,7 +2,7 @@
 // cut into NB blocks of BS; one threadgroup of BN simdgroups per (batch, group of R
 // query heads sharing a kv head, query row, block) reads its block of the cache once
 // and writes, per head, the block's unnormalized output and its softmax max and sum.
-// Inputs:  as sdpa_quantized.metal, dims = [NQ, A, NF, L, H, Hq, NB, BS].
+// Inputs:  as sdpa_quantized.metal, dims = [NQ, A, NS, NR, L, H, Hq, NB, BS].
 // Outputs: po (rows, NB, DV) of type T, pm (rows, NB), pl (rows, NB) float32,
 //          rows = B * Hq * L; with STATS the scores (rows, NQ + NF) pass 2 reduces to
 //          the attention mass; with NEW the new token's codes (as sdpa_quantized.metal,
@@ -10,8 +10,9 @@
 // Grid (32, BN, B * (Hq / R) * L * NB), threadgroup (32, BN, 1).
 uint lane = thread_index_in_simdgroup;
 uint sg = simdgroup_index_in_threadgroup;
-int nq = dims[0], alloc = dims[1], nf = dims[2], L = dims[3], H = dims[4], Hq = dims[5];
-int nb = dims[6], bs = dims[7];
+int nq = dims[0], alloc = dims[1], ns = dims[2], nr = dims[3], L = dims[4], H = dims[5];
+int Hq = dims[6];
+int nb = dims[7], bs = dims[8];
 int block = int(threadgroup_position_in_grid.z) % nb;
 int z = int(threadgroup_position_in_grid.z) / nb;
 int l = z % L;
@@ -30,7 +31,7 @@ threadgroup uint8_t tc[NEW ? (D > DV ? D : DV) : 1];
 float m[R];
 float lsum[R];
 float o[R * EV];
-int ntok = nq + nf;
+int ntok = nq + ns + nr;
 int t0 = block * bs;
 int t1 = min(t0 + bs, ntok);
 int slot = NEW ? nslot[bh] : -1;
@@ -53,8 +54,9 @@ mlxkv_attend_block<T, D, DV, KB, KG, VB, VG, KCH, BN, R, STATS>(
     kw + bh * kq, ks + bh * kg, kb + bh * kg,
     vw + bh * size_t(alloc) * (DV * VB / 32), vs + bh * size_t(alloc) * (DV / VG),
     vb + bh * size_t(alloc) * (DV / VG),
-    kf + bh * size_t(nf) * D, vf + bh * size_t(nf) * DV,
-    nq, alloc, nf - L + l + 1, t0, t1, slot, tk, tv, lane, sg, tm, tl, to,
+    kf + bh * size_t(ns) * D, vf + bh * size_t(ns) * DV, ns,
+    kr + bh * size_t(nr) * D, vr + bh * size_t(nr) * DV,
+    nq, alloc, ns + nr - L + l + 1, t0, t1, slot, tk, tv, lane, sg, tm, tl, to,
     scores + (STATS ? row0 * ntok : 0), L * ntok, m, lsum, o);
 if (sg == 0) {
   for (int r = 0; r < R; r++) {

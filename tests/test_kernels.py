@@ -109,6 +109,25 @@ def test_sdpa_attention_mass_in_the_same_launches(metal_sim):
                 assert np.array(got.mass)[..., -1].min() > 0
 
 
+@pytest.mark.parametrize("nr", [0, 3])  # sinks alone; sinks then a residual
+def test_sdpa_reads_sinks_and_residual_where_they_are(metal_sim, nr):
+    """Sinks come as their own inputs (a cache joins nothing per step): the same result
+    as attention over the ring, then the sinks and the residual joined."""
+    case = attention_case(n=300, nf=nr, rep=3)
+    B, H, _, D = case["float_keys"].shape
+    sinks = tuple(mx.random.normal((B, H, 4, D), key=mx.random.key(20 + i)) for i in range(2))
+    for passes in (1, 2):
+        got, want = run_both(dict(case, sinks=sinks), passes, mass_rows=(0, 1),
+                             new=new_token(case, [[3, 299]]))
+        close(got.out, want.out, mx.float32)
+        close(got.mass, want.mass, mx.float32)
+        assert got.mass.shape == (B, H, 300 + 4 + nr)
+        joined = dict(case, float_keys=mx.concatenate([sinks[0], case["float_keys"]], axis=2),
+                      float_values=mx.concatenate([sinks[1], case["float_values"]], axis=2))
+        close(got.out, sdpa_quantized.sdpa_quantized_reference(
+            **joined, new=new_token(case, [[3, 299]])).out, mx.float32)
+
+
 def new_token(case, slot, seed=5):
     """A new decode token for ``case`` (its ring) taking ring slot ``slot`` (B, H)."""
     B, H, _, D = case["float_keys"].shape
@@ -404,3 +423,65 @@ def test_sdpa_gqa_ratios_above_one_threadgroups_share(metal_sim, rep):
         close(got.out, want.out, mx.float32)
         close(got.mass, want.mass, mx.float32)
         assert np.array_equal(np.array(got.new_keys[0]), np.array(want.new_keys[0]))
+
+
+# ----- a cache's decode steps on the fused path -------------------------------------------
+def _decode_caches():
+    from mlxkv.cache.quantized import QuantizedCache
+    from mlxkv.cache.scored import ScoredCache
+    from mlxkv.cache.window import WindowCache
+    from mlxkv.policies import H2OPolicy, KnormPolicy, SnapKVPolicy
+
+    q4 = dict(key_bits=4, value_bits=4, group_size=32)
+    return {
+        "growing": lambda: QuantizedCache(**q4),
+        "window, sinks": lambda: WindowCache(window=40, sinks=4, **q4),
+        "snapkv": lambda: ScoredCache(policy=SnapKVPolicy(), recent=4, window=40, sinks=4, **q4),
+        "h2o, no sinks": lambda: ScoredCache(policy=H2OPolicy(), recent=2, window=36, sinks=0, **q4),
+        "knorm": lambda: ScoredCache(policy=KnormPolicy(), recent=4, window=40, sinks=4, **q4),
+        "residual": lambda: QuantizedCache(residual=16, **q4),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_decode_caches()))
+def test_cache_decode_on_the_fused_path_stores_and_attends_as_the_reference(
+        simulator, monkeypatch, kind):
+    """Decode steps, one token at a time past a ring's capacity (each evicting), on the
+    simulated Metal path — the new token quantized inside the attention launch, the slot
+    it takes chosen by the eviction strategy first — give the outputs, the stored tokens
+    and the scores of the reference path, and launch nothing but the attention."""
+    B, H, rep, D, T, steps = 1, 2, 3, 64, 52, 32
+    mx.random.seed(3)
+    k, v = mx.random.normal((B, H, T + steps, D)), mx.random.normal((B, H, T + steps, D))
+    q = mx.random.normal((B, H * rep, T + steps, D))
+    results = {}
+    for mode in ("reference", "metal"):
+        monkeypatch.setenv("MLXKV_KERNELS", mode)
+        if mode == "metal" and not mx.metal.is_available():
+            monkeypatch.setattr(mx.fast, "metal_kernel", simulator.metal_kernel)
+        cache = _decode_caches()[kind]()
+        cache.update_and_fetch(k[:, :, :T], v[:, :, :T])
+        cache.attend(q[:, :, :T], scale=0.125)
+        before = simulator.launches.copy()
+        outs = []
+        for t in range(T, T + steps):
+            cache.update_and_fetch(k[:, :, t:t + 1], v[:, :, t:t + 1])
+            outs.append(cache.attend(q[:, :, t:t + 1], scale=0.125))
+            mx.eval(outs[-1], cache.state)
+        results[mode] = (mx.concatenate(outs, axis=2), cache.dequantized(),
+                         getattr(cache.eviction, "score", None), simulator.launches - before)
+    (out, (dk, dv), score, _), (r_out, (rk, rv), r_score, _) = results["metal"], results["reference"]
+    close(out, r_out, mx.float32)
+    assert dk.shape == rk.shape  # the same tokens held ...
+    close(dk, rk, mx.float32)   # ... with the same codes
+    close(dv, rv, mx.float32)
+    if r_score is not None:
+        close(score, r_score, mx.float32)
+    if mx.metal.is_available():
+        return
+    ran = results["metal"][3]
+    if kind == "residual":  # the quantizer runs once per group of 32 flushed, not per step
+        assert 0 < ran["quantize_rows"] < steps
+    else:
+        assert ran["quantize_rows"] == 0
+    assert ran["sdpa_quantized"] + ran["sdpa_quantized_pass1"] == steps

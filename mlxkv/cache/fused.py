@@ -63,12 +63,15 @@ def decode(layout: Layout, eviction: Eviction, q: mx.array, scale: float, new=No
     if not length:
         return None
     ring = _packed(layout.kc, layout.vc, layout.ring_keys, layout.ring_values, length)
-    fk, fv = layout.float_part()
+    sinks = layout.sink_part() if layout.n_sinks else None
+    fk, fv = layout.held_residual()
     rows = _decode_rows(eviction)
     token = None if placement is None else NewToken(*new, placement.slot)
-    if not fused_available(ring, q, fk, fv, stats=rows is not None, new=token is not None):
+    if not fused_available(ring, q, fk, fv, stats=rows is not None, new=token is not None,
+                           sinks=sinks):
         return None
-    args = dict(scale=scale, ring=ring, float_keys=fk, float_values=fv, mass_rows=rows, new=token)
+    args = dict(scale=scale, ring=ring, float_keys=fk, float_values=fv, mass_rows=rows, new=token,
+                sinks=sinks)
     got = sdpa_quantized_metal(q, **args)
     if got is None:  # the kernel failed on this device just now (and is turned off)
         got = sdpa_quantized_reference(q, **args)
@@ -76,12 +79,13 @@ def decode(layout: Layout, eviction: Eviction, q: mx.array, scale: float, new=No
         placement.store(got.new_keys, got.new_values)
     if rows is None:
         return got.out, None
-    sinks = layout.n_sinks
+    n_sinks = layout.n_sinks
     ring_mass = got.mass[..., :length]
     if placement is not None and placement.ring_order is not None:
         ring_mass = placement.ring_order(ring_mass)
     # kernel order (ring, sinks, residual) -> segment order (sinks, ring, residual)
-    mass = _joined([got.mass[..., length : length + sinks], ring_mass, got.mass[..., length + sinks :]])
+    mass = _joined([got.mass[..., length : length + n_sinks], ring_mass,
+                    got.mass[..., length + n_sinks :]])
     return got.out, mass
 
 

@@ -149,15 +149,10 @@ class Layout:
             self.residual_values[..., :n, :] = values
         self.res_len = n
 
-    def float_part(self) -> tuple[mx.array, mx.array]:
-        """Sinks then residual (B, H, n, D): the full-precision tokens held (slices of
-        the buffers, joined only when both hold tokens)."""
-        ks = (self.sink_keys[..., : self.n_sinks, :], self.residual_keys[..., : self.res_len, :])
-        vs = (self.sink_values[..., : self.n_sinks, :], self.residual_values[..., : self.res_len, :])
-        if not self.res_len or not self.n_sinks:
-            at = 0 if self.n_sinks else 1
-            return ks[at], vs[at]
-        return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
+    def sink_part(self) -> tuple[mx.array, mx.array]:
+        """The sinks held (B, H, n, D): slices of their buffers."""
+        n = self.n_sinks
+        return self.sink_keys[..., :n, :], self.sink_values[..., :n, :]
 
     def straight_to_ring(self) -> bool:
         """Whether a decode step's token, past the sinks, goes straight into the ring

@@ -1,8 +1,9 @@
 """Fused attention over a quantized KV cache (``metal_kernels/sdpa_quantized*.metal``).
 
 The cache is a quantized ring (``QuantizedKV``: mlxkv's codec layouts, keys per token or
-per channel, values per token, 2/3/4/8 bits) followed by full-precision tokens (sinks,
-residual, and for a chunk of L > 1 queries the chunk itself, causal). The kernel unpacks
+per channel, values per token, 2/3/4/8 bits) followed by full-precision tokens: optional
+``sinks`` (read where they are, not joined to the rest), then the residual and, for a
+chunk of L > 1 queries, the chunk itself (causal). The kernel unpacks
 and dequantizes K and V as it goes with an online softmax: no dequantized copy of the
 cache and no score matrix. One threadgroup serves all query heads of a GQA group (up to
 ``MAX_GROUP``), so each cache byte is read and dequantized once per group, not once per
@@ -68,7 +69,7 @@ class QuantizedKV:
         return k, v
 
 
-def _dims_ok(ring: QuantizedKV | None, q, fk, fv) -> bool:
+def _dims_ok(ring: QuantizedKV | None, q, fk, fv, sinks=None) -> bool:
     """Shapes, dtypes and alignments the kernels are written for: head dims a multiple of
     the simd width (each lane owns whole elements), one float dtype throughout, whole
     uint32 words per token (per channel: per group of tokens) and whole groups."""
@@ -76,6 +77,10 @@ def _dims_ok(ring: QuantizedKV | None, q, fk, fv) -> bool:
     ok = D % 32 == 0 and DV % 32 == 0 and D <= 256 and DV <= 256 and fk.shape[-1] == D
     ok = ok and q.dtype in (mx.float16, mx.bfloat16, mx.float32) and q.shape[1] % fk.shape[1] == 0
     ok = ok and fk.dtype == q.dtype and fv.dtype == q.dtype and fk.shape[:3] == fv.shape[:3]
+    if sinks is not None:
+        sk, sv = sinks
+        ok = ok and sk.dtype == q.dtype and sv.dtype == q.dtype and sk.shape[:3] == sv.shape[:3]
+        ok = ok and sk.shape[:2] == fk.shape[:2] and sk.shape[3] == D and sv.shape[3] == DV
     if ring is None or not ok:
         return ok
     ok = ring.key_mode in ("token", "channel") and ring.key_bits in BITS and ring.value_bits in BITS
@@ -94,11 +99,11 @@ def group_size(q_heads: int, kv_heads: int) -> int:
     return max(r for r in range(1, min(rep, MAX_GROUP) + 1) if rep % r == 0)
 
 
-def split(q, fk, ring: QuantizedKV | None, passes=None) -> int:
+def split(q, fk, ring: QuantizedKV | None, passes=None, sinks: int = 0) -> int:
     """Blocks the tokens are cut into (1: single pass): enough (batch, group, row, block)
     threadgroups to reach TARGET_THREADGROUPS, blocks of at least MIN_BLOCK tokens."""
     B, Hq, L, _ = q.shape
-    tokens = (0 if ring is None else ring.length) + max(fk.shape[2], 1)
+    tokens = (0 if ring is None else ring.length) + sinks + max(fk.shape[2], 1)
     groups = B * (Hq // group_size(Hq, fk.shape[1])) * L
     nb = max(1, min(-(-TARGET_THREADGROUPS // groups), -(-tokens // MIN_BLOCK)))
     if passes is not None:
@@ -142,11 +147,11 @@ def _template(ring: QuantizedKV | None, q, DV: int, R: int, stats: bool, new: bo
 
 
 def _plan(ring: QuantizedKV | None, q, fk, fv, stats: bool, passes=None,
-          new: bool = False) -> tuple[int, list]:
+          new: bool = False, sinks: int = 0) -> tuple[int, list]:
     """The token blocks of one call (``split``) and its (kernel, template) launches, in order."""
     R = group_size(q.shape[1], fk.shape[1])
     template = _template(ring, q, fv.shape[-1], R, stats, new)
-    nb = split(q, fk, ring, passes)
+    nb = split(q, fk, ring, passes, sinks)
     if nb == 1:
         return nb, [("sdpa_quantized", template)]
     return nb, [("sdpa_quantized_pass1", template),
@@ -180,17 +185,22 @@ def _dummy(dtype) -> mx.array:
 
 
 def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, mass_rows=None,
-                         new: NewToken | None = None, passes=None) -> Fused | None:
+                         new: NewToken | None = None, sinks=None, passes=None) -> Fused | None:
     """The Metal kernels (None if an instantiation failed on this device just now)."""
     B, Hq, L, D = q.shape
-    H, nf, DV = float_keys.shape[1], float_keys.shape[2], float_values.shape[3]
+    H, nr, DV = float_keys.shape[1], float_keys.shape[2], float_values.shape[3]
+    ns = 0 if sinks is None else sinks[0].shape[2]
+    nf = ns + nr
     dt = q.dtype
     stats = mass_rows is not None
     if new is not None and (L != 1 or ring is None or ring.key_mode != "token"):
         raise ValueError("a new token is quantized in the kernel for one query row over "
                          "a ring with per-token keys")
-    if nf == 0:  # kernels take no empty buffers
-        float_keys, float_values = _zeros((B, H, 1, D), dt), _zeros((B, H, 1, DV), dt)
+    nb, plan = _plan(ring, q, float_keys, float_values, stats, passes, new is not None, ns)
+    # kernels take no empty buffers: an empty part is a dummy never read
+    sink_keys, sink_values = (sinks if ns else (_dummy(dt), _dummy(dt)))
+    if nr == 0:
+        float_keys, float_values = _dummy(dt), _dummy(dt)
     if ring is None or ring.length == 0:
         z, zs = _dummy(mx.uint32), _dummy(dt)
         keys, values, nq, alloc = (z, zs, zs), (z, zs, zs), 0, 0
@@ -200,7 +210,6 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, mass_rows=
     rows = B * Hq * L
     R = group_size(Hq, H)
     groups = B * (Hq // R) * L  # threadgroups per token block
-    nb, plan = _plan(ring, q, float_keys, float_values, stats, passes, new is not None)
     template = plan[0][1]
     if new is not None:
         extra = [new.keys, new.values, new.slot.astype(mx.int32)]
@@ -211,8 +220,10 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, mass_rows=
         extra = [_dummy(dt), _dummy(dt), _dummy(mx.int32)]
         new_shapes = [(1,)] * 6
     new_dtypes = [mx.uint32, dt, dt] * 2
-    inputs = [q, _scalar(float(scale)), *keys, *values, float_keys, float_values, *extra]
-    names = ["q", "scale", "kw", "ks", "kb", "vw", "vs", "vb", "kf", "vf", "kn", "vn", "nslot", "dims"]
+    inputs = [q, _scalar(float(scale)), *keys, *values, sink_keys, sink_values, float_keys,
+              float_values, *extra]
+    names = ["q", "scale", "kw", "ks", "kb", "vw", "vs", "vb", "kf", "vf", "kr", "vr", "kn", "vn",
+             "nslot", "dims"]
     new_names = ["nkw", "nks", "nkb", "nvw", "nvs", "nvb"]
     header = ("affine.h", "kv_attention.h")
     score_shape = (B, Hq, L, T) if stats else (1,)
@@ -220,7 +231,7 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, mass_rows=
     if len(plan) == 1:
         outs = _metal.launch(
             "sdpa_quantized", names, ["out", "mass", "scores", *new_names], header=header,
-            inputs=inputs + [mx.array([nq, alloc, nf, L, H, Hq], mx.int32)], template=template,
+            inputs=inputs + [mx.array([nq, alloc, ns, nr, L, H, Hq], mx.int32)], template=template,
             grid=(32, SIMDGROUPS, groups), threadgroup=(32, SIMDGROUPS, 1),
             output_shapes=[(B, Hq, L, DV), mass_shape, score_shape, *new_shapes],
             output_dtypes=[dt, mx.float32, mx.float32, *new_dtypes])
@@ -231,7 +242,7 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, mass_rows=
         bs = -(-T // nb)
         outs = _metal.launch(
             "sdpa_quantized_pass1", names, ["po", "pm", "pl", "scores", *new_names],
-            header=header, inputs=inputs + [mx.array([nq, alloc, nf, L, H, Hq, nb, bs], mx.int32)],
+            header=header, inputs=inputs + [mx.array([nq, alloc, ns, nr, L, H, Hq, nb, bs], mx.int32)],
             template=template, grid=(32, SIMDGROUPS, groups * nb), threadgroup=(32, SIMDGROUPS, 1),
             output_shapes=[(rows, nb, DV), (rows, nb), (rows, nb), score_shape, *new_shapes],
             output_dtypes=[dt] + [mx.float32] * 3 + new_dtypes)  # partial outputs in the input dtype
@@ -275,8 +286,11 @@ def _with_new(ring: QuantizedKV, new: NewToken) -> tuple[QuantizedKV, tuple, tup
 
 
 def sdpa_quantized_reference(q, *, scale, ring, float_keys, float_values, mass_rows=None,
-                             new: NewToken | None = None) -> Fused:
+                             new: NewToken | None = None, sinks=None) -> Fused:
     B, Hq, L, D = q.shape
+    if sinks is not None:
+        float_keys = mx.concatenate([sinks[0], float_keys], axis=2)
+        float_values = mx.concatenate([sinks[1], float_values], axis=2)
     H = float_keys.shape[1]
     nf = float_keys.shape[2]
     coded = (None, None)
@@ -304,7 +318,7 @@ def sdpa_quantized_reference(q, *, scale, ring, float_keys, float_values, mass_r
 
 
 def fused_available(ring: QuantizedKV | None, q, float_keys, float_values, *,
-                    stats: bool = False, new: bool = False) -> bool:
+                    stats: bool = False, new: bool = False, sinks=None) -> bool:
     """Whether ``sdpa_quantized`` would run the Metal kernel for these arrays (callers
     with a faster non-Metal path of their own use it to choose): Metal is on, the shapes
     are supported, and none of the kernel instantiations it needs failed here."""
@@ -314,9 +328,10 @@ def fused_available(ring: QuantizedKV | None, q, float_keys, float_values, *,
     # still runs them, for tests.
     if ring is not None and ring.length and ring.key_mode == "channel":
         return False
-    return _metal.use_metal(_dims_ok(ring, q, float_keys, float_values)) and not any(
+    ns = 0 if sinks is None else sinks[0].shape[2]
+    return _metal.use_metal(_dims_ok(ring, q, float_keys, float_values, sinks)) and not any(
         _metal.failed(name, template)
-        for name, template in _plan(ring, q, float_keys, float_values, stats, new=new)[1])
+        for name, template in _plan(ring, q, float_keys, float_values, stats, new=new, sinks=ns)[1])
 
 
 def sdpa_quantized(q: mx.array, *, scale: float, ring: QuantizedKV | None, float_keys: mx.array,
