@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from functools import lru_cache
 from importlib import resources
 
 import mlx.core as mx
@@ -77,7 +78,12 @@ _FAILED: dict[tuple, str] = {}  # instantiation -> why it was turned off
 def instantiation(name: str, template) -> tuple:
     """What one compiled kernel is keyed by: its source and template values (the dtype
     among them). Inputs' ranks are fixed by each kernel's wrapper."""
-    return (name, repr(template))
+    return _instantiation(name, tuple(template))
+
+
+@lru_cache(maxsize=1024)
+def _instantiation(name: str, template: tuple) -> tuple:
+    return (name, repr(list(template)))
 
 
 def failed(name: str, template) -> bool:
@@ -103,10 +109,10 @@ def launch(name: str, inputs_names: list[str], outputs: list[str], *, inputs, te
         return None
     if forced or key in _CHECKED:
         return kernel(name, inputs_names, outputs, header=header)(
-            inputs=inputs, template=template, stream=mx.gpu, **call)
+            inputs=inputs, template=list(template), stream=mx.gpu, **call)
     try:
         outs = kernel(name, inputs_names, outputs, header=header)(
-            inputs=inputs, template=template, stream=mx.gpu, **call)
+            inputs=inputs, template=list(template), stream=mx.gpu, **call)
         mx.eval(outs)
     except (RuntimeError, ValueError) as e:  # MLX raises both for kernels it cannot run
         _FAILED[key] = str(e)

@@ -134,16 +134,27 @@ class Fused(NamedTuple):
     new_values: tuple | None = None
 
 
-def _template(ring: QuantizedKV | None, q, DV: int, R: int, stats: bool, new: bool) -> list:
-    dt, D = q.dtype, q.shape[-1]
+def _template(ring: QuantizedKV | None, q, DV: int, R: int, stats: bool, new: bool) -> tuple:
     if ring is None or ring.length == 0:  # no ring: any valid widths (nothing is read)
-        kb_, vb_, kg, vg, kch = 4, 4, 32, 32, False
+        widths = (4, 32, 4, 32, False)
     else:
-        kb_, vb_, kg, vg = ring.key_bits, ring.value_bits, ring.key_group, ring.value_group
-        kch = ring.key_mode == "channel"
-    return [("T", dt), ("D", D), ("DV", DV), ("KB", kb_), ("KG", kg), ("VB", vb_),
-            ("VG", vg), ("KCH", kch), ("BN", SIMDGROUPS), ("R", R), ("STATS", bool(stats)),
-            ("NEW", bool(new))]
+        widths = (ring.key_bits, ring.key_group, ring.value_bits, ring.value_group,
+                  ring.key_mode == "channel")
+    return _template_of(q.dtype, q.shape[-1], DV, widths, R, bool(stats), bool(new))
+
+
+@lru_cache(maxsize=256)
+def _template_of(dt, D: int, DV: int, widths: tuple, R: int, stats: bool, new: bool) -> tuple:
+    """The attention kernels' template values (one tuple per instantiation, built once)."""
+    kb_, kg, vb_, vg, kch = widths
+    return (("T", dt), ("D", D), ("DV", DV), ("KB", kb_), ("KG", kg), ("VB", vb_),
+            ("VG", vg), ("KCH", kch), ("BN", SIMDGROUPS), ("R", R), ("STATS", stats),
+            ("NEW", new))
+
+
+@lru_cache(maxsize=64)
+def _pass2_template(dt, DV: int, R: int, stats: bool) -> tuple:
+    return (("T", dt), ("DV", DV), ("R", R), ("STATS", stats))
 
 
 def _plan(ring: QuantizedKV | None, q, fk, fv, stats: bool, passes=None,
@@ -155,8 +166,7 @@ def _plan(ring: QuantizedKV | None, q, fk, fv, stats: bool, passes=None,
     if nb == 1:
         return nb, [("sdpa_quantized", template)]
     return nb, [("sdpa_quantized_pass1", template),
-                ("sdpa_quantized_pass2", [("T", q.dtype), ("DV", fv.shape[-1]), ("R", R),
-                                          ("STATS", bool(stats))])]
+                ("sdpa_quantized_pass2", _pass2_template(q.dtype, fv.shape[-1], R, bool(stats)))]
 
 
 def _mass(mass: mx.array, kv_heads: int, rows: tuple[int, int]) -> mx.array:
