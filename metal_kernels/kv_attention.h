@@ -51,6 +51,26 @@ void mlxkv_quantize_token(const device T* x, uint lane, threadgroup float* deq,
   simdgroup_barrier(mem_flags::mem_threadgroup);  // `codes` may be reused at once
 }
 
+// A decode step's new token for kv head `bh` (sdpa_quantized*.metal with NEW): simdgroup
+// 0 quantizes its key kn and value vn into `tk`/`tv` (dequantized, for every reader in
+// the threadgroup) and, if `owner` (the kv head's first group of query heads), writes
+// their codes, scales and biases to the nk*/nv* outputs. Called by the whole threadgroup
+// (it ends in a barrier); `tc` is max(D, DV) bytes of scratch.
+template <typename T, int D, int DV, int KB, int KG, int VB, int VG>
+void mlxkv_new_token(const device T* kn, const device T* vn, size_t bh, bool owner,
+                     uint lane, uint sg, threadgroup float* tk, threadgroup float* tv,
+                     threadgroup uint8_t* tc, device uint32_t* nkw, device T* nks,
+                     device T* nkb, device uint32_t* nvw, device T* nvs, device T* nvb) {
+  if (sg == 0) {
+    mlxkv_quantize_token<T, D, KB, KG>(kn + bh * D, lane, tk, tc, owner, nkw + bh * (D * KB / 32),
+                                       nks + bh * (D / KG), nkb + bh * (D / KG));
+    mlxkv_quantize_token<T, DV, VB, VG>(vn + bh * DV, lane, tv, tc, owner,
+                                        nvw + bh * (DV * VB / 32), nvs + bh * (DV / VG),
+                                        nvb + bh * (DV / VG));
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
 // Online softmax attention of the R query heads of one GQA group (rows at the same
 // position, `qstride` apart) over tokens [t0, t1) of a cache made of nq quantized ring
 // slots followed by full-precision tokens: ns sinks (ks_/vs_ below: kf/vf) then the rest

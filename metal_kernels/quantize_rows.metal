@@ -4,8 +4,7 @@
 // group's codes into its words together.
 // Inputs:  x (N, DX) of type T; dims = [N, DX].
 // Outputs: w (N, DX * BITS / 32) uint32, scales (N, DX / G) T, biases (N, DX / G) T.
-// Grid (32, N * DX / G, 1), threadgroup (32, min(QB, N * DX / G), 1).
-constexpr int QB = 8;  // simdgroups per threadgroup (the wrapper's QUANTIZE_SIMDGROUPS)
+// Grid (32, N * DX / G, 1), threadgroup (32, min(QB, N * DX / G), 1): QB simdgroups at most.
 constexpr int E = G / 32;
 constexpr int W = G * BITS / 32;  // words per group
 uint lane = thread_index_in_simdgroup;

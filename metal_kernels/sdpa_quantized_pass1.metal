@@ -36,16 +36,8 @@ int t0 = block * bs;
 int t1 = min(t0 + bs, ntok);
 int slot = NEW ? nslot[bh] : -1;
 if (NEW && slot >= t0 && slot < t1) {  // uniform across the threadgroup
-  bool owner = hq0 % (Hq / H) == 0;
-  if (sg == 0) {
-    mlxkv_quantize_token<T, D, KB, KG>(kn + size_t(bh) * D, lane, tk, tc, owner,
-                                       nkw + size_t(bh) * (D * KB / 32),
-                                       nks + size_t(bh) * (D / KG), nkb + size_t(bh) * (D / KG));
-    mlxkv_quantize_token<T, DV, VB, VG>(vn + size_t(bh) * DV, lane, tv, tc, owner,
-                                        nvw + size_t(bh) * (DV * VB / 32),
-                                        nvs + size_t(bh) * (DV / VG), nvb + size_t(bh) * (DV / VG));
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+  mlxkv_new_token<T, D, DV, KB, KG, VB, VG>(kn, vn, size_t(bh), hq0 % (Hq / H) == 0, lane, sg,
+                                            tk, tv, tc, nkw, nks, nkb, nvw, nvs, nvb);
 }
 size_t kq = KCH ? size_t(D) * (alloc * KB / 32) : size_t(alloc) * (D * KB / 32);
 size_t kg = KCH ? size_t(D) * (alloc / KG) : size_t(alloc) * (D / KG);

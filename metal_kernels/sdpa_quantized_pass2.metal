@@ -1,14 +1,14 @@
 // Split-K pass 2: combines the NB block results of pass 1 into each row's output, and
 // with STATS reduces the group's scores to the attention mass of each token.
 // Inputs:  po (rows, NB, DV) of type T, pm (rows, NB), pl (rows, NB) float32, with STATS
-//          pass 1's scores (rows, NQ + NF) (else (1,)); dims = [NB, L, H, Hq, NQ + NF].
+//          pass 1's scores (rows, NQ + NF) (else (1,)); dims = [NB, L, Hq, NQ + NF].
 // Outputs: out (rows, DV) of type T; with STATS mass (B, Hq / R, L, NQ + NF) float32
 //          (else (1,), unwritten).
 // Grid (32, R, B * (Hq / R) * L), threadgroup (32, R, 1): simdgroup r combines head
 // hq0 + r of the group, its lanes owning DV/32 output elements each.
 uint lane = thread_index_in_simdgroup;
 uint sg = simdgroup_index_in_threadgroup;
-int nb = dims[0], L = dims[1], Hq = dims[3], ntok = dims[4];
+int nb = dims[0], L = dims[1], Hq = dims[2], ntok = dims[3];
 int z = int(threadgroup_position_in_grid.z);
 int l = z % L;
 int g = (z / L) % (Hq / R);

@@ -110,8 +110,7 @@ class Append(Eviction):
         n = keys.shape[2]
         layout.reserve_ring(layout.ring_len + n, keys, values)
         layout.write_ring(layout.ring_len, keys, values)
-        layout.flushed += n
-        layout.ring_len += n
+        self._advance(layout, n)
 
     def place(self, layout, keys, values):
         at = layout.ring_len
@@ -119,10 +118,15 @@ class Append(Eviction):
 
         def store(coded_k, coded_v):
             layout.store_ring(at, coded_k, coded_v, 1)
-            layout.flushed += 1
-            layout.ring_len += 1
+            self._advance(layout, 1)
 
         return Placement(mx.full(keys.shape[:2], at, mx.int32), at + 1, store)
+
+    @staticmethod
+    def _advance(layout: Layout, n: int) -> None:
+        """Count n tokens written at the ring's end."""
+        layout.flushed += n
+        layout.ring_len += n
 
     def positions(self, layout):
         return layout.sinks + layout.flushed - layout.ring_len + mx.arange(layout.ring_len)
@@ -149,8 +153,7 @@ class Positional(Eviction):
         layout.write_ring(at, keys[..., :first, :], values[..., :first, :])
         if first < n:
             layout.write_ring(0, keys[..., first:, :], values[..., first:, :])
-        layout.flushed += n
-        layout.ring_len = min(layout.flushed, cap)
+        self._advance(layout, n)
 
     def place(self, layout, keys, values):
         cap = self.capacity
@@ -159,10 +162,14 @@ class Positional(Eviction):
 
         def store(coded_k, coded_v):
             layout.store_ring(at, coded_k, coded_v, 1)
-            layout.flushed += 1
-            layout.ring_len = min(layout.flushed, cap)
+            self._advance(layout, 1)
 
         return Placement(mx.full(keys.shape[:2], at, mx.int32), min(layout.flushed + 1, cap), store)
+
+    def _advance(self, layout: Layout, n: int) -> None:
+        """Count n tokens written: the ring holds the newest ``capacity`` of them."""
+        layout.flushed += n
+        layout.ring_len = min(layout.flushed, self.capacity)
 
     def positions(self, layout):
         last = layout.flushed - 1

@@ -54,8 +54,6 @@ def decode(layout: Layout, eviction: Eviction, q: mx.array, scale: float, new=No
         return None
     placement = None
     if new is not None:
-        if layout.kc.axis != "token":
-            return None
         placement = eviction.place(layout, *new)
         if placement is None:
             return None
@@ -114,7 +112,7 @@ def preflight(cache, *, dtype: mx.Dtype, head_dim: int, gqa: int) -> None:
     fk = fv = mx.zeros((1, 1, 2, head_dim), dtype)
     rows = _decode_rows(eviction)
     new = None
-    if layout.straight_to_ring() and kc.axis == "token":
+    if layout.straight_to_ring():
         token = mx.zeros((1, 1, 1, head_dim), dtype)
         new = NewToken(token, token, mx.zeros((1, 1), mx.int32))
     for passes in (1, 2):

@@ -156,7 +156,8 @@ class Layout:
 
     def straight_to_ring(self) -> bool:
         """Whether a decode step's token, past the sinks, goes straight into the ring
-        (no residual or middle in between, a flush unit of one token)."""
+        (no residual or middle in between, a flush unit of one token: so keys are stored
+        per token)."""
         return not (self.residual or self.middle) and self.unit == 1
 
     # ----- the middle -----------------------------------------------------------------

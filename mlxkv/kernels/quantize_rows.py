@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from . import _metal
 
-QUANTIZE_SIMDGROUPS = 8  # (row, group) pairs per threadgroup: the kernel's QB
+QUANTIZE_SIMDGROUPS = 8  # (row, group) pairs per threadgroup, at most (the kernel's QB)
 BITS = (2, 3, 4, 8)        # bit widths mlxkv quantizes K/V to (declared here, once)
 GROUP_SIZES = (32, 64, 128)  # group sizes, as mx.quantize supports them
 
@@ -28,7 +28,7 @@ def quantize_rows_metal(x: mx.array, *, bits: int, group_size: int):
     outs = _metal.launch(
         "quantize_rows", ["x", "dims"], ["w", "scales", "biases"], header=("affine.h",),
         inputs=[x.reshape(n, dx), mx.array([n, dx], mx.int32)],
-        template=[("T", x.dtype), ("BITS", bits), ("G", group_size)],
+        template=[("T", x.dtype), ("BITS", bits), ("G", group_size), ("QB", QUANTIZE_SIMDGROUPS)],
         grid=(32, pairs, 1), threadgroup=(32, min(pairs, QUANTIZE_SIMDGROUPS), 1),
         output_shapes=[(n, dx * bits // 32), (n, groups), (n, groups)],
         output_dtypes=[mx.uint32, x.dtype, x.dtype])

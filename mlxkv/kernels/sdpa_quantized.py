@@ -179,19 +179,16 @@ def _mass(mass: mx.array, kv_heads: int, rows: tuple[int, int]) -> mx.array:
     return m[:, :, :, rows[0] : rows[1]].sum(axis=(2, 3))
 
 
-@lru_cache(maxsize=64)
-def _zeros(shape: tuple, dtype) -> mx.array:
-    """Zeros for an input a call does not use (built once per shape, not per call)."""
-    return mx.zeros(shape, dtype)
-
-
 @lru_cache(maxsize=16)
 def _scalar(value: float) -> mx.array:
     return mx.array(value, mx.float32)
 
 
+@lru_cache(maxsize=16)
 def _dummy(dtype) -> mx.array:
-    return _zeros((_metal.MIN_DEVICE_ELEMENTS,), dtype)  # never padded per call
+    """Zeros for an input a call does not read: built once per dtype, not per call, and
+    large enough never to be padded (``_metal.device_sized``)."""
+    return mx.zeros((_metal.MIN_DEVICE_ELEMENTS,), dtype)
 
 
 def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, mass_rows=None,
@@ -261,7 +258,7 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, mass_rows=
         po, pm, pl, scores, *coded = outs
         outs = _metal.launch(
             "sdpa_quantized_pass2", ["po", "pm", "pl", "scores", "dims"], ["out", "mass"],
-            header=header, inputs=[po, pm, pl, scores, mx.array([nb, L, H, Hq, T], mx.int32)],
+            header=header, inputs=[po, pm, pl, scores, mx.array([nb, L, Hq, T], mx.int32)],
             template=plan[1][1], grid=(32, R, groups), threadgroup=(32, R, 1),
             output_shapes=[(B, Hq, L, DV), mass_shape], output_dtypes=[dt, mx.float32])
         if outs is None:
