@@ -8,39 +8,61 @@
 
 #define MLXKV_TILE 4  // tokens a simdgroup scores before one softmax update
 
-// Quantize one token's DX values (lane l owns values l*DX/32 ..) in groups of G lanes'
-// values, as quantize_rows does: this lane's dequantized values go to `deq` (through the
-// stored, T-rounded scale and bias, as a reader of the codes sees them); with `write` the
-// codes, scales and biases go to w/s/b. Called by one whole simdgroup; `codes` is DX
-// bytes of threadgroup scratch.
+// A lane's E consecutive elements from d0 fall in the group of G elements holding d0 and,
+// when E does not divide G (head dims 96, 160, 192: E = 3, 5, 6), maybe in the next one
+// too: how many of them are in the first group.
+template <int E, int G>
+inline int mlxkv_in_first_group(int d0) {
+  static_assert(G >= E, "a lane's elements span two groups at most");
+  return G % E == 0 ? E : min(E, G - d0 % G);
+}
+
+// Quantize one token's DX values (lane l owns values l*DX/32 ..) in groups of G values, as
+// quantize_rows does: this lane's dequantized values go to `deq` (through the stored,
+// T-rounded scale and bias, as a reader of the codes sees them); with `write` the codes,
+// scales and biases go to w/s/b. Called by one whole simdgroup; `codes` is DX bytes of
+// threadgroup scratch.
 template <typename T, int DX, int BITS, int G>
 void mlxkv_quantize_token(const device T* x, uint lane, threadgroup float* deq,
                           threadgroup uint8_t* codes, bool write, device uint32_t* w,
                           device T* s, device T* b) {
   constexpr int E = DX / 32;
+  const int d0 = int(lane) * E;
+  const int cut = mlxkv_in_first_group<E, G>(d0);
   float v[E];
-  float lo = float(x[lane * E]), hi = lo;
   for (int e = 0; e < E; e++) {
-    v[e] = float(x[lane * E + e]);
-    lo = min(lo, v[e]);
-    hi = max(hi, v[e]);
+    v[e] = float(x[d0 + e]);
   }
-  for (ushort off = 1; off < ushort(G / E); off <<= 1) {  // the G / E lanes of the group
-    lo = min(lo, simd_shuffle_xor(lo, off));
-    hi = max(hi, simd_shuffle_xor(hi, off));
+  // each group's range over the simdgroup; this lane keeps the scale and bias of the
+  // groups of its first and last elements (the same group unless it straddles two)
+  mlxkv_affine first, last;
+  for (int g = 0; g < DX / G; g++) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (int e = 0; e < E; e++) {
+      if ((d0 + e) / G == g) {
+        lo = min(lo, v[e]);
+        hi = max(hi, v[e]);
+      }
+    }
+    lo = simd_min(lo);
+    hi = simd_max(hi);
+    mlxkv_affine sb = mlxkv_affine_params(lo, hi, BITS);
+    if (write && lane == 0) {
+      s[g] = static_cast<T>(sb.scale);
+      b[g] = static_cast<T>(sb.bias);
+    }
+    if (g == d0 / G) {
+      first = sb;
+    }
+    if (g == (d0 + E - 1) / G) {
+      last = sb;
+    }
   }
-  mlxkv_affine sb = mlxkv_affine_params(lo, hi, BITS);
-  T st = static_cast<T>(sb.scale);
-  T bt = static_cast<T>(sb.bias);
-  int d0 = int(lane) * E;
   for (int e = 0; e < E; e++) {
+    mlxkv_affine sb = e < cut ? first : last;
     uint code = mlxkv_affine_code(v[e], sb, BITS);
     codes[d0 + e] = uint8_t(code);
-    deq[d0 + e] = float(st) * float(code) + float(bt);
-  }
-  if (write && d0 % G == 0) {
-    s[d0 / G] = st;
-    b[d0 / G] = bt;
+    deq[d0 + e] = float(static_cast<T>(sb.scale)) * float(code) + float(static_cast<T>(sb.bias));
   }
   simdgroup_barrier(mem_flags::mem_threadgroup);
   if (write) {
@@ -74,11 +96,13 @@ void mlxkv_new_token(const device T* kn, const device T* vn, size_t bh, bool own
 // Online softmax attention of the R query heads of one GQA group (rows at the same
 // position, `qstride` apart) over tokens [t0, t1) of a cache made of nq quantized ring
 // slots followed by full-precision tokens: ns sinks (ks_/vs_ below: kf/vf) then the rest
-// (kr/vr: residual, chunk), of which the first `visible_f` are visible to these rows. Each key and value element is read and dequantized once and serves all
-// R heads. The BN simdgroups of the threadgroup take tokens in turn, MLXKV_TILE at a time
-// (one max/rescale per tile and head); each lane owns D/32 query elements and DV/32
-// output elements of every head. Ring slot `slot` (-1: none) is read from `tk`/`tv`
-// (a new token, dequantized in threadgroup memory) instead of its stored codes.
+// (kr/vr: residual, chunk), of which the first `visible_f` are visible to these rows.
+// Each key and value element is read and dequantized once and serves all R heads. The
+// BN simdgroups of the threadgroup take tokens in turn, MLXKV_TILE at a time (one
+// max/rescale per tile and head); each lane owns D/32 query elements and DV/32 output
+// elements of every head, in one quantization group or two. Ring slot `slot` (-1: none)
+// is read from `tk`/`tv` (a new token, dequantized in threadgroup memory) instead of its
+// stored codes.
 // On return, simdgroup 0 holds per head r the block's max score `m_out[r]`, normalizer
 // `l_out[r]` and unnormalized output `o_out[r * DV/32 ..]` (m = -inf, l = 0 when no token
 // is visible). With STATS, head r's scaled score of every token of the range goes to
@@ -99,16 +123,21 @@ void mlxkv_attend_block(
   constexpr int EV = DV / 32;
   const int d0 = int(lane) * E;    // this lane's first key element
   const int dv0 = int(lane) * EV;  // and value element
-  // The query, pre-scaled, and per head the sum of this lane's elements: a per-token key
-  // group is constant over a lane's elements (E divides the group), so its bias comes
-  // out of the dot product: sum(q * (s * c + b)) = s * sum(q * c) + b * sum(q).
+  // a lane's first kcut key elements (vcut value elements) are in one group, the rest in
+  // the next (per-token groups; all in one unless E does not divide the group)
+  const int kcut = KCH ? E : mlxkv_in_first_group<E, KG>(d0);
+  const int vcut = mlxkv_in_first_group<EV, VG>(dv0);
+  // The query, pre-scaled, and per head the sums of this lane's elements in its two key
+  // groups: a per-token key group's bias comes out of the dot product,
+  // sum(q * (s * c + b)) = s * sum(q * c) + b * sum(q).
   float qe[R * E];
-  float qsum[R];
+  float qsum[R * 2];
   for (int r = 0; r < R; r++) {
-    qsum[r] = 0.0f;
+    qsum[2 * r] = 0.0f;
+    qsum[2 * r + 1] = 0.0f;
     for (int e = 0; e < E; e++) {
       qe[r * E + e] = float(q[r * qstride + d0 + e]) * scale;
-      qsum[r] += qe[r * E + e];
+      qsum[2 * r + (e < kcut ? 0 : 1)] += qe[r * E + e];
     }
   }
   float m[R];
@@ -142,18 +171,26 @@ void mlxkv_attend_block(
       if (quant && t != slot && !KCH) {  // codes: word loads, the bias factored out
         const device uint32_t* kt = kw + t * (D * KB / 32);
         int g = t * (D / KG) + d0 / KG;
-        float ksc = float(ks[g]);
-        float kbi = float(kb[g]);
+        int g1 = kcut < E ? g + 1 : g;
+        float ksc = float(ks[g]), ksc1 = float(ks[g1]);
+        float kbi = float(kb[g]), kbi1 = float(kb[g1]);
         float c[E];
         for (int e = 0; e < E; e++) {
           c[e] = float(mlxkv_code(kt, uint((d0 + e) * KB), KB));
         }
         for (int r = 0; r < R; r++) {
-          float dot = 0.0f;
+          float dot = 0.0f, dot1 = 0.0f;
           for (int e = 0; e < E; e++) {
-            dot += qe[r * E + e] * c[e];
+            if (e < kcut) {
+              dot += qe[r * E + e] * c[e];
+            } else {
+              dot1 += qe[r * E + e] * c[e];
+            }
           }
-          part[r] = ksc * dot + kbi * qsum[r];
+          part[r] = ksc * dot + kbi * qsum[2 * r];
+          if (kcut < E) {
+            part[r] += ksc1 * dot1 + kbi1 * qsum[2 * r + 1];
+          }
         }
       } else {
         float k[E];
@@ -227,10 +264,12 @@ void mlxkv_attend_block(
       } else {
         const device uint32_t* vt = vw + t * (DV * VB / 32);
         int g = t * (DV / VG) + dv0 / VG;
-        float vsc = float(vs[g]);
-        float vbi = float(vb[g]);
+        int g1 = vcut < EV ? g + 1 : g;
+        float vsc = float(vs[g]), vsc1 = float(vs[g1]);
+        float vbi = float(vb[g]), vbi1 = float(vb[g1]);
         for (int e = 0; e < EV; e++) {
-          v[e] = vsc * float(mlxkv_code(vt, uint((dv0 + e) * VB), VB)) + vbi;
+          float code = float(mlxkv_code(vt, uint((dv0 + e) * VB), VB));
+          v[e] = e < vcut ? vsc * code + vbi : vsc1 * code + vbi1;
         }
       }
       for (int r = 0; r < R; r++) {

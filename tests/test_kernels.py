@@ -161,15 +161,63 @@ def test_sdpa_quantizes_the_new_token_itself(metal_sim, bits, group, D, dtype, p
         got, want = run_both(c, passes, mass_rows=(0, 1), new=new)
         close(got.out, want.out, dtype)
         close(got.mass, want.mass, dtype)  # from scores over keys dequantized in dtype
-        for mine, ref in ((got.new_keys, want.new_keys), (got.new_values, want.new_values)):
-            assert [a.shape for a in mine] == [a.shape for a in ref], name
-            deq = mx.dequantize(*mine, group_size=group, bits=bits)
-            rdeq = mx.dequantize(*ref, group_size=group, bits=bits)
-            step = np.repeat(np.abs(np.array(ref[1].astype(mx.float32))), group, axis=-1)
-            assert np.all(np.abs(np.array((deq - rdeq).astype(mx.float32))) <= step * 1.01 + 1e-6)
-            if not mx.metal.is_available():  # the CPU simulator: the same codes as mx.quantize
-                assert np.array_equal(np.array(mine[0]), np.array(ref[0])), name
-                close(mine[1], ref[1], dtype)
+        assert_new_token_stored_as_mx_quantize(got, want, group, bits, dtype)
+
+
+def assert_new_token_stored_as_mx_quantize(got, want, group, bits, dtype):
+    """The new token's codes from the kernel (``Fused.new_keys``/``new_values``) against
+    mx.quantize's: within a quantization step, the same codes on the CPU simulator."""
+    for mine, ref in ((got.new_keys, want.new_keys), (got.new_values, want.new_values)):
+        assert [a.shape for a in mine] == [a.shape for a in ref]
+        deq = mx.dequantize(*mine, group_size=group, bits=bits)
+        rdeq = mx.dequantize(*ref, group_size=group, bits=bits)
+        step = np.repeat(np.abs(np.array(ref[1].astype(mx.float32))), group, axis=-1)
+        assert np.all(np.abs(np.array((deq - rdeq).astype(mx.float32))) <= step * 1.01 + 1e-6)
+        if not mx.metal.is_available():  # the CPU simulator: the same codes as mx.quantize
+            assert np.array_equal(np.array(mine[0]), np.array(ref[0]))
+            close(mine[1], ref[1], dtype)
+            close(mine[2], ref[2], dtype)
+
+
+# Head dims of MLX models whose D / 32 elements per lane do not divide the quantization
+# group (96: Phi-3, 160, 192: a lane's elements straddle two groups), with 64 and 128 as
+# controls: single pass without a new token, two passes with one (its codes stored).
+@pytest.mark.parametrize("D,group,bits,dtype,H,rep", [
+    (64, 32, 4, mx.float32, 2, 2), (96, 32, 4, mx.float32, 1, 1),
+    (128, 64, 3, mx.float16, 2, 3), (160, 32, 3, mx.float32, 2, 2),
+    (192, 32, 4, mx.bfloat16, 1, 4), (192, 64, 2, mx.float32, 2, 1)])
+def test_sdpa_head_dims_whose_lanes_straddle_groups(metal_sim, D, group, bits, dtype, H, rep):
+    case = attention_case(D=D, group=group, bits=bits, dtype=dtype, H=H, rep=rep, n=37,
+                          nf=1 if H == 1 else 3)
+    assert sdpa_quantized.fused_available(case["ring"], case["q"], case["float_keys"],
+                                          case["float_values"], new=True)
+    got, want = run_both(case, 1)
+    close(got.out, want.out, dtype)
+    new = new_token(case, [[36, 5][:H]])  # the last slot, and one replaced
+    got, want = run_both(case, 2, new=new)
+    close(got.out, want.out, dtype)
+    assert_new_token_stored_as_mx_quantize(got, want, group, bits, dtype)
+
+
+def test_sdpa_layouts_the_kernel_does_not_take_fall_back(metal_sim):
+    """Every head dim of MLX's models with every group size dividing it is taken by the
+    kernel except D = 80 (a lane would own 2.5 elements; no group size divides it, so
+    only full-precision tokens can reach it): that one takes the reference, launching
+    nothing."""
+    for D in (64, 80, 96, 128, 160, 192, 256):
+        for group in (g for g in quantize_rows.GROUP_SIZES if D % g == 0):
+            case = attention_case(D=D, group=group)
+            assert sdpa_quantized.fused_available(case["ring"], case["q"], case["float_keys"],
+                                                  case["float_values"], new=True), (D, group)
+    case = attention_case(D=80, n=0, nf=5, rep=2)
+    assert not sdpa_quantized.fused_available(None, case["q"], case["float_keys"],
+                                              case["float_values"])
+    if metal_sim is not None:
+        before = sum(metal_sim.launches.values())
+    got = sdpa_quantized.sdpa_quantized(**case)
+    if metal_sim is not None:
+        assert sum(metal_sim.launches.values()) == before
+    close(got, sdpa_quantized.sdpa_quantized_reference(**case).out, mx.float32)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

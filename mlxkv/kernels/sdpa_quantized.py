@@ -22,7 +22,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from . import _metal
-from .quantize_rows import BITS
+from .quantize_rows import BITS, GROUP_SIZES
 
 SIMDGROUPS = 8         # simdgroups per threadgroup
 MAX_GROUP = 8          # query heads one threadgroup serves (a divisor of the GQA ratio)
@@ -71,8 +71,11 @@ class QuantizedKV:
 
 def _dims_ok(ring: QuantizedKV | None, q, fk, fv, sinks=None) -> bool:
     """Shapes, dtypes and alignments the kernels are written for: head dims a multiple of
-    the simd width (each lane owns whole elements), one float dtype throughout, whole
-    uint32 words per token (per channel: per group of tokens) and whole groups."""
+    the simd width (each lane owns whole elements: D = 80 falls back), one float dtype
+    throughout, whole uint32 words per token (per channel: per group of tokens), whole
+    groups of MLX's sizes (at least the D / 32 <= 8 elements a lane owns, so a lane's
+    elements fall in two groups at most, as for D = 96, 160, 192). The one place that
+    decides whether the kernels take a layout (``fused_available``)."""
     D, DV = q.shape[-1], fv.shape[-1]
     ok = D % 32 == 0 and DV % 32 == 0 and D <= 256 and DV <= 256 and fk.shape[-1] == D
     ok = ok and q.dtype in (mx.float16, mx.bfloat16, mx.float32) and q.shape[1] % fk.shape[1] == 0
@@ -86,6 +89,7 @@ def _dims_ok(ring: QuantizedKV | None, q, fk, fv, sinks=None) -> bool:
     ok = ring.key_mode in ("token", "channel") and ring.key_bits in BITS and ring.value_bits in BITS
     ok = ok and all(a.dtype == q.dtype for a in (*ring.keys[1:], *ring.values[1:]))
     ok = ok and ring.keys[0].dtype == mx.uint32 and ring.values[0].dtype == mx.uint32
+    ok = ok and ring.key_group in GROUP_SIZES and ring.value_group in GROUP_SIZES
     ok = ok and D % ring.key_group == 0 and DV % ring.value_group == 0
     if ring.key_mode == "channel":  # tokens along the packed axis: whole groups and words
         A = ring.allocated
