@@ -104,8 +104,9 @@ void mlxkv_new_token(const device T* kn, const device T* vn, size_t bh, bool own
 // is read from `tk`/`tv` (a new token, dequantized in threadgroup memory) instead of its
 // stored codes.
 // On return, simdgroup 0 holds per head r the block's max score `m_out[r]`, normalizer
-// `l_out[r]` and unnormalized output `o_out[r * DV/32 ..]` (m = -inf, l = 0 when no token
-// is visible). With STATS, head r's scaled score of every token of the range goes to
+// `l_out[r]` and output `o_out[r * DV/32 ..]`, normalized by l_out (so within the values'
+// range whatever the block's length, as MLX's sdpa_vector_2pass keeps its partials; m =
+// -inf, l = 0 and o = 0 when no token is visible). With STATS, head r's scaled score of every token of the range goes to
 // scores[r * sstride + t] (-inf for tokens the rows cannot see).
 template <typename T, int D, int DV, int KB, int KG, int VB, int VG, bool KCH, int BN, int R,
           bool STATS>
@@ -310,6 +311,9 @@ void mlxkv_attend_block(
         for (int e = 0; e < EV; e++) {
           o_out[r * EV + e] += to[i * DV + dv0 + e] * f;
         }
+      }
+      for (int e = 0; e < EV; e++) {
+        o_out[r * EV + e] = lsum > 0.0f ? o_out[r * EV + e] / lsum : 0.0f;
       }
       m_out[r] = mx_;
       l_out[r] = lsum;

@@ -57,8 +57,7 @@ if (sg == 0) {
   for (int r = 0; r < R; r++) {
     size_t row = row0 + size_t(r) * L;
     for (int e = 0; e < EV; e++) {
-      out[row * DV + lane * EV + e] =
-          lsum[r] > 0.0f ? static_cast<T>(o[r * EV + e] / lsum[r]) : static_cast<T>(0);
+      out[row * DV + lane * EV + e] = static_cast<T>(o[r * EV + e]);
     }
     if (STATS && lane == 0) {
       tm[r] = m[r] + log(lsum[r]);  // the row's log-sum-exp (tm is free again)

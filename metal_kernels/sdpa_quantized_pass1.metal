@@ -1,7 +1,8 @@
 // Split-K pass 1 of the fused quantized-cache attention (long caches): the tokens are
 // cut into NB blocks of BS; one threadgroup of BN simdgroups per (batch, group of R
 // query heads sharing a kv head, query row, block) reads its block of the cache once
-// and writes, per head, the block's unnormalized output and its softmax max and sum.
+// and writes, per head, the block's output (normalized by its own sum, so a long block
+// of large values cannot overflow a float16 partial) and its softmax max and sum.
 // Inputs:  as sdpa_quantized.metal, dims = [NQ, A, NS, NR, L, H, Hq, NB, BS].
 // Outputs: po (rows, NB, DV) of type T, pm (rows, NB), pl (rows, NB) float32,
 //          rows = B * Hq * L; with STATS the scores (rows, NQ + NF) pass 2 reduces to

@@ -1,5 +1,7 @@
-// Split-K pass 2: combines the NB block results of pass 1 into each row's output, and
-// with STATS reduces the group's scores to the attention mass of each token.
+// Split-K pass 2: combines the NB block results of pass 1 into each row's output (block
+// i's output po_i is normalized by its own sum l_i: out = sum_i po_i * l_i * exp(m_i - m)
+// / sum_i l_i * exp(m_i - m)), and with STATS reduces the group's scores to the attention
+// mass of each token.
 // Inputs:  po (rows, NB, DV) of type T, pm (rows, NB), pl (rows, NB) float32, with STATS
 //          pass 1's scores (rows, NQ + NF) (else (1,)); dims = [NB, L, Hq, NQ + NF].
 // Outputs: out (rows, DV) of type T; with STATS mass (B, Hq / R, L, NQ + NF) float32
@@ -31,8 +33,8 @@ for (int i = 0; i < nb; i++) {
   if (pm[at + i] == -INFINITY) {
     continue;
   }
-  float f = fast::exp(pm[at + i] - m);
-  lsum += pl[at + i] * f;
+  float f = pl[at + i] * fast::exp(pm[at + i] - m);
+  lsum += f;
   for (int e = 0; e < EV; e++) {
     o[e] += float(po[(at + i) * DV + lane * EV + e]) * f;
   }

@@ -128,6 +128,31 @@ def test_sdpa_reads_sinks_and_residual_where_they_are(metal_sim, nr):
             **joined, new=new_token(case, [[3, 299]])).out, mx.float32)
 
 
+def test_sdpa_split_partials_do_not_overflow_float16(metal_sim):
+    """Pass 1 stores each block's output in the input dtype: unnormalized, flat scores
+    over values near v sum to (block length) * v, inf in float16 past 65504 (at 32k
+    tokens, blocks of 4096 and values near 17). Here blocks of 151 tokens and values near
+    1000; normalized by the block's own sum the partials stay near 1000."""
+    case = attention_case(dtype=mx.float16, n=0, nf=301, H=1, rep=2)
+    case["q"] = mx.zeros_like(case["q"])  # flat scores
+    case["float_values"] = case["float_values"] + 1000
+    assert sdpa_quantized.split(case["q"], case["float_keys"], None, passes=2) == 2
+    got, want = run_both(case, 2)
+    assert np.isfinite(np.array(got.out.astype(mx.float32))).all()
+    close(got.out, want.out, mx.float16)
+
+
+def test_split_blocks_are_capped():
+    """However few (batch, group, row) threadgroups there are, a split's blocks hold at
+    most MAX_BLOCK tokens (128k tokens and 64 kv heads made blocks of 64k)."""
+    for H, n in [(1, 300), (8, 32768), (32, 131072), (64, 131072), (128, 131072)]:
+        q, fk = mx.zeros((1, H, 1, 64)), mx.zeros((1, H, 1, 64))
+        ring = QuantizedKV(keys=(), values=(), length=n, key_bits=4, key_group=64,
+                           value_bits=4, value_group=64)  # split reads its length only
+        nb = sdpa_quantized.split(q, fk, ring)
+        assert -(-(n + 1) // nb) <= sdpa_quantized.MAX_BLOCK, (H, n, nb)
+
+
 def new_token(case, slot, seed=5):
     """A new decode token for ``case`` (its ring) taking ring slot ``slot`` (B, H)."""
     B, H, _, D = case["float_keys"].shape

@@ -28,6 +28,7 @@ SIMDGROUPS = 8         # simdgroups per threadgroup
 MAX_GROUP = 8          # query heads one threadgroup serves (a divisor of the GQA ratio)
 TARGET_THREADGROUPS = 128  # enough to fill a Mac's GPU: the split count aims at it
 MIN_BLOCK = 256        # tokens per threadgroup, at least, when the cache is split
+MAX_BLOCK = 4096       # and at most, unless one pass is asked for
 KERNELS = ("sdpa_quantized", "sdpa_quantized_pass1", "sdpa_quantized_pass2")
 
 
@@ -105,11 +106,14 @@ def group_size(q_heads: int, kv_heads: int) -> int:
 
 def split(q, fk, ring: QuantizedKV | None, passes=None, sinks: int = 0) -> int:
     """Blocks the tokens are cut into (1: single pass): enough (batch, group, row, block)
-    threadgroups to reach TARGET_THREADGROUPS, blocks of at least MIN_BLOCK tokens."""
+    threadgroups to reach TARGET_THREADGROUPS, blocks of at least MIN_BLOCK tokens, and
+    of at most MAX_BLOCK (a threadgroup's share of a long cache, and the length of its
+    running float32 sums, stay bounded)."""
     B, Hq, L, _ = q.shape
     tokens = (0 if ring is None else ring.length) + sinks + max(fk.shape[2], 1)
     groups = B * (Hq // group_size(Hq, fk.shape[1])) * L
-    nb = max(1, min(-(-TARGET_THREADGROUPS // groups), -(-tokens // MIN_BLOCK)))
+    nb = max(1, min(-(-TARGET_THREADGROUPS // groups), -(-tokens // MIN_BLOCK)),
+             -(-tokens // MAX_BLOCK))
     if passes is not None:
         nb = 1 if passes == 1 else max(nb, 2)
     return nb
@@ -256,7 +260,7 @@ def sdpa_quantized_metal(q, *, scale, ring, float_keys, float_values, mass_rows=
             header=header, inputs=inputs + [mx.array([nq, alloc, ns, nr, L, H, Hq, nb, bs], mx.int32)],
             template=template, grid=(32, SIMDGROUPS, groups * nb), threadgroup=(32, SIMDGROUPS, 1),
             output_shapes=[(rows, nb, DV), (rows, nb), (rows, nb), score_shape, *new_shapes],
-            output_dtypes=[dt] + [mx.float32] * 3 + new_dtypes)  # partial outputs in the input dtype
+            output_dtypes=[dt] + [mx.float32] * 3 + new_dtypes)  # normalized partials in dtype
         if outs is None:
             return None
         po, pm, pl, scores, *coded = outs
