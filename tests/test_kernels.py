@@ -486,6 +486,44 @@ def test_make_cache_compiles_every_decode_kernel_before_generation(simulator, mo
     assert _metal._CHECKED == ready and not _metal._FAILED
 
 
+def test_codebook_preflight_compiles_what_codebook_attention_uses(simulator, monkeypatch):
+    """auto mode on a 'Mac' (the simulator as its GPU): ``codebook_preflight`` compiles
+    and checks both codebook kernels for a codec's planes, dtype and head dim, so
+    attention over codebook codes of any length then compiles nothing new. Without
+    Metal it does nothing."""
+    from mlxkv.cache.codebook import PLANES, CodebookCodec
+    from mlxkv.kernels import codebook_preflight
+
+    monkeypatch.delenv("MLXKV_KERNELS", raising=False)
+    monkeypatch.setattr(mx.fast, "metal_kernel", simulator.metal_kernel)
+    monkeypatch.setattr(_metal, "_CHECKED", set())
+    monkeypatch.setattr(_metal, "_FAILED", {})
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    bits, D, dtype = 3, 64, mx.float16
+    before = simulator.launches.copy()
+    codebook_preflight(dtype=dtype, head_dim=D, widths=PLANES[bits])
+    assert simulator.launches == before and not _metal._CHECKED
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    codebook_preflight(dtype=dtype, head_dim=D, widths=PLANES[bits])
+    ready = set(_metal._CHECKED)
+    assert {name for name, _ in ready} == {"codebook_scores", "codebook_weighted"}
+    codec = CodebookCodec(bits)
+    state = codec.encode(mx.random.normal((1, 2, 37, D), key=mx.random.key(0)).astype(dtype))
+    q = mx.random.normal((1, 2, 3, D), key=mx.random.key(1)).astype(dtype)
+    got = {}
+    for mode in ("auto", "reference"):
+        monkeypatch.setenv("MLXKV_KERNELS", mode)
+        scores = codec.scores(q, state)
+        p = mx.softmax(scores.astype(mx.float32), axis=-1).astype(dtype)
+        got[mode] = (scores, codec.weighted(p, state))
+        mx.eval(got[mode])
+    ran = simulator.launches - before
+    assert ran["codebook_scores"] == 2 and ran["codebook_weighted"] == 2  # preflight, attention
+    assert _metal._CHECKED == ready and not _metal._FAILED
+    for mine, ref in zip(got["auto"], got["reference"]):
+        close(mine, ref, dtype)
+
+
 @pytest.mark.parametrize("rep", [12, 16])
 def test_sdpa_gqa_ratios_above_one_threadgroups_share(metal_sim, rep):
     """More query heads per kv head than a threadgroup serves (8): the group is split

@@ -7,6 +7,7 @@ Metal device is present and the shape is supported, the reference otherwise.
 """
 
 from ._metal import mode as kernel_mode, use_metal
+from .codebook_attention import codebook_preflight
 from .quantize_rows import quantize_rows
 from .sdpa_quantized import QuantizedKV, sdpa_quantized
 
@@ -18,4 +19,5 @@ def metal_enabled() -> bool:
     return use_metal(True)
 
 
-__all__ = ["QuantizedKV", "kernel_mode", "metal_enabled", "quantize_rows", "sdpa_quantized"]
+__all__ = ["QuantizedKV", "codebook_preflight", "kernel_mode", "metal_enabled", "quantize_rows",
+           "sdpa_quantized"]

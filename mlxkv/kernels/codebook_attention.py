@@ -192,3 +192,19 @@ def codebook_weighted(*, p, planes, widths, scale, levels):
     """Probabilities (B, H, M, n) times the coded values: (B, H, M, D), rotated."""
     return _dispatch(codebook_weighted_metal, codebook_weighted_reference, p=p, planes=planes,
                      widths=widths, scale=scale, levels=levels)
+
+
+def codebook_preflight(*, dtype: mx.Dtype, head_dim: int, widths) -> None:
+    """Compile and run once, on tiny inputs, both kernels' instantiation for a codebook
+    codec of bit planes ``widths`` and queries (so probabilities) of ``dtype`` and
+    ``head_dim``, through the dispatchers as attention calls them: when a cache is made
+    (as ``mlxkv.cache.fused.preflight`` does the affine kernels), not at its first decode
+    step; one Apple's compiler rejects is turned off now (``_metal.launch``) and the
+    reference used instead. Nothing to do without Metal."""
+    if not _metal.use_metal(True):
+        return
+    args = dict(planes=[mx.zeros((1, 1, 1, head_dim * w // 32), mx.uint32) for w in widths],
+                widths=tuple(widths), scale=mx.zeros((1, 1, 1, 1), mx.float16),
+                levels=mx.zeros((2 ** sum(widths),), mx.float32))
+    mx.eval(codebook_scores(q=mx.zeros((1, 1, 1, head_dim), dtype), **args),
+            codebook_weighted(p=mx.zeros((1, 1, 1, 1), dtype), **args))
