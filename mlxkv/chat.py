@@ -10,9 +10,10 @@ from typing import Callable, Iterator
 
 from mlx_lm.utils import common_prefix_len
 
-from .cache.route import model_group, model_head_dim
+from .cache.shape import shape_of
 from .distributed import SINGLE, Group
-from .cache.config import CacheConfig, make_cache
+from .cache.config import CacheConfig
+from .cache.make import make_cache
 from .errors import CacheFileError, InputError, MlxkvError
 from .generation import (DEFAULT_PREFILL_STEP, GenerationEvent, chat_text, encode_prompt,
                          prefill, stream_generate)
@@ -31,7 +32,7 @@ class ChatSession:
         self.model = model
         self.tokenizer = tokenizer
         # resolved for this model (e.g. the group size), so describe() shows what is used
-        self.cache_config = (cache_config or CacheConfig()).resolve(model_head_dim(model))
+        self.cache_config = (cache_config or CacheConfig()).resolve(shape_of(model).head_dim)
         self.system = system
         self.generation = generation
         self.messages: list[dict[str, str]] = []
@@ -142,7 +143,7 @@ class ChatSession:
         """Switch to another cache config, rebuilding the cache from the conversation
         (``progress(done, total)`` is called during the prefill). If the new config is
         invalid the session is left as it was."""
-        config = config.resolve(model_head_dim(self.model))  # raises before anything changes
+        config = config.resolve(shape_of(self.model).head_dim)  # raises before anything changes
         cache = make_cache(self.model, config)
         tokens = self._render(self.messages, generation_prompt=False) if self.messages else []
         self.cache_config, self.cache, self.cached_tokens = config, cache, []
@@ -166,12 +167,12 @@ class ChatSession:
 
         path = Path(path)
         doc = {"format": CHAT_FORMAT,
-               "model": model_name or getattr(self.model, "mlxkv_identity", {}).get("name"),
+               "model": model_name or shape_of(self.model).name,
                "system": self.system, "cache_config": self.cache_config.to_dict(),
                "messages": self.messages, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         text = json.dumps(doc, indent=1, ensure_ascii=False)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        save_cache(kv_path(path, model_group(self.model)), self.cache, model=self.model,
+        save_cache(kv_path(path, shape_of(self.model).group), self.cache, model=self.model,
                    config=self.cache_config,
                    tokens=self.cached_tokens,
                    extra={"conversation": _digest(self.messages),
@@ -219,7 +220,7 @@ class ChatSession:
         doc = cls.read(path)
         messages = list(doc["messages"])
         try:
-            loaded = load_cache(_saved_kv(path, model_group(model)), model)
+            loaded = load_cache(_saved_kv(path, shape_of(model).group), model)
             if loaded[3].get("conversation") == _digest(messages):
                 return from_cache(loaded, messages, doc.get("system"))
             why = "the saved cache is older than the conversation"

@@ -12,17 +12,19 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .cache.route import model_group
+from .cache.shape import shape_of
 from .errors import InputError
 from .stats import CacheStats, gather_stats
 
 DEFAULT_PREFILL_STEP = 512
+# text, token ids, or a conversation of {"role", "content"} messages (``prompt_tokens``)
+Prompt = Union[str, Sequence[int], Sequence[Mapping[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ def context_length(model) -> int | None:
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    """Text as it is (the tokenizer's BOS added unless the text begins with it), or token ids."""
     if isinstance(prompt, str):
         bos = tokenizer.bos_token
         add_special = bos is None or not prompt.startswith(bos)
@@ -109,8 +112,51 @@ def chat_tokens(tokenizer, messages, *, generation_prompt: bool = True) -> list[
                                               generation_prompt=generation_prompt))
 
 
+def rendered(tokenizer, text: str) -> bool:
+    """Whether ``text`` is already in a prompt format: it begins with one of the
+    tokenizer's special tokens (a chat template's ``<|im_start|>``, a BOS)."""
+    return any(s and text.startswith(s) for s in tokenizer.all_special_tokens)
+
+
+def prompt_tokens(tokenizer, prompt: Prompt, *, chat_template: bool = True,
+                  system: str | None = None) -> list[int]:
+    """The token ids of ``prompt`` as a user means it.
+
+    - token ids: as they are;
+    - a list of ``{"role", "content"}`` messages: the conversation in the chat template;
+    - text: a user message in the chat template, when the tokenizer has one and
+      ``chat_template`` is on, unless the text is already rendered (``rendered``);
+      else the text as it is.
+    ``system``: a system message put before a text's or the messages' conversation.
+    """
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError("the prompt is empty")
+        raw = not chat_template or rendered(tokenizer, prompt)
+        if raw and system is not None:
+            raise InputError("a system message goes into the chat template: it cannot be added "
+                             "to raw or already rendered text")
+        if raw or (system is None and not tokenizer.has_chat_template):
+            return encode_prompt(tokenizer, prompt)
+        prompt = [{"role": "user", "content": prompt}]
+    prompt = list(prompt)
+    if prompt and all(isinstance(m, Mapping) for m in prompt):
+        bad = [i for i, m in enumerate(prompt)
+               if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)]
+        if bad:
+            raise InputError(f"message {bad[0]} needs a 'role' and a 'content', both text "
+                             f"(got {prompt[bad[0]]!r})")
+        head = [{"role": "system", "content": system}] if system is not None else []
+        return chat_tokens(tokenizer, head + [dict(m) for m in prompt])
+    if any(isinstance(t, (str, Mapping)) for t in prompt):
+        raise InputError("a prompt is text, a list of token ids, or a list of "
+                         "{'role', 'content'} messages (not a mix)")
+    return encode_prompt(tokenizer, prompt)
+
+
 def default_cache(model) -> list:
-    from .cache.config import CacheConfig, make_cache
+    from .cache.config import CacheConfig
+    from .cache.make import make_cache
 
     return make_cache(model, CacheConfig())
 
@@ -161,9 +207,10 @@ class _StopMatcher:
 def stream_generate(
     model,
     tokenizer,
-    prompt: str | Sequence[int],
+    prompt: Prompt,
     *,
     max_tokens: int = 256,
+    chat_template: bool = True,
     cache: list | None = None,
     prefill_step: int = DEFAULT_PREFILL_STEP,
     stop: Sequence[str] = (),
@@ -172,7 +219,11 @@ def stream_generate(
     sampling: Sampling | None = None,
     **sampling_kwargs,
 ) -> Iterator[GenerationEvent]:
-    """Generate from ``prompt`` (text or token ids), yielding a ``GenerationEvent`` per token.
+    """Generate from ``prompt``, yielding a ``GenerationEvent`` per token.
+
+    ``prompt``: text (a user message, in the model's chat template unless
+    ``chat_template=False`` or the text is already rendered), a list of ``{"role",
+    "content"}`` messages, or token ids (fed as they are); see ``prompt_tokens``.
 
     ``cache`` (a list of per-layer caches from ``mlxkv.make_cache``) is filled in place and
     can be passed again to continue; by default a full-precision cache is made.
@@ -184,12 +235,12 @@ def stream_generate(
         raise InputError(f"max_tokens must be >= 1 (got {max_tokens})")
     if prefill_step < 1:
         raise InputError(f"prefill step must be >= 1 (got {prefill_step})")
-    tokens = encode_prompt(tokenizer, prompt)
+    tokens = prompt_tokens(tokenizer, prompt, chat_template=chat_template)
     if not tokens:
         raise InputError("the prompt is empty")
     cache = default_cache(model) if cache is None else cache
     _check_context(model, cache, len(tokens), max_tokens)
-    group = model_group(model)
+    group = shape_of(model).group
     seed = sampling.seed
     if group.size > 1:  # every rank must draw the same tokens: rank 0's seed for all
         seed = group.broadcast(seed if seed is not None else random.randrange(2**31))
@@ -266,7 +317,7 @@ def prefill(model, tokens: Sequence[int], cache: list, *, prefill_step: int = DE
             progress(min(start + prefill_step, total), total)
 
 
-def generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens: int = 256,
+def generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256,
              cache: list | None = None, **kwargs) -> str:
     """Generate and return the whole reply text (see ``stream_generate`` for the options)."""
     return "".join(e.text for e in stream_generate(model, tokenizer, prompt,

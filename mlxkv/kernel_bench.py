@@ -198,7 +198,8 @@ def decode_launches(*, lengths=(200, 1024), steps: int = 4, q_heads: int = 9, kv
     prompts of each of ``lengths`` tokens (short: one pass; long: split in two)."""
     import importlib
 
-    from .cache.config import CacheConfig, make_cache
+    from .cache.config import CacheConfig
+    from .cache.make import make_cache
     from .cache.route import route
     from .metalsim import Simulator
 

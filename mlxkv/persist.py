@@ -19,9 +19,10 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .cache.config import CacheConfig, make_cache
+from .cache.config import CacheConfig
+from .cache.make import make_cache
 from .cache.full import FullCache
-from .cache.route import model_group
+from .cache.shape import shape_of
 from .errors import CacheFileError
 
 FORMAT = "mlxkv-cache-2"
@@ -50,13 +51,13 @@ def save_cache(path: str | Path, cache: list, *, model, config: CacheConfig,
         classes.append(type(c).__name__)
     metadata = {
         "format": FORMAT,
-        "model": json.dumps(model.mlxkv_identity, sort_keys=True),
+        "model": json.dumps(shape_of(model).identity, sort_keys=True),
         "config": json.dumps(config.to_dict(), sort_keys=True),
         "classes": json.dumps(classes),
         "meta": json.dumps(metas),
         "tokens": json.dumps([int(t) for t in tokens]),
         "extra": json.dumps(extra or {}),
-        "group": _group_text(model_group(model)),
+        "group": _group_text(shape_of(model).group),
     }
     return atomic_write(path, lambda tmp: mx.save_safetensors(tmp, arrays, metadata))
 
@@ -99,10 +100,11 @@ def load_cache(path: str | Path, model) -> tuple[list, CacheConfig, list[int], d
         tokens, extra = json.loads(meta["tokens"]), json.loads(meta["extra"])
     except (KeyError, TypeError, ValueError) as e:
         raise CacheFileError(f"{path} has damaged metadata: {e}") from None
-    if identity != model.mlxkv_identity:
+    shape = shape_of(model)
+    if identity != shape.identity:
         raise CacheFileError(f"{path} was saved with model {identity.get('name')!r} "
-                             f"({identity}), not the loaded {model.mlxkv_identity.get('name')!r}")
-    saved, here = meta.get("group", "0/1"), _group_text(model_group(model))
+                             f"({identity}), not the loaded {shape.name!r}")
+    saved, here = meta.get("group", "0/1"), _group_text(shape.group)
     if saved != here:
         rank, size = saved.split("/")
         by = "one process" if size == "1" else f"rank {rank} of a group of {size} processes"

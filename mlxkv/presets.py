@@ -12,11 +12,12 @@ def cache_factories(model, window: int = 512) -> dict[str, Callable[[], list]]:
     from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
     from .cache.codec import default_group
-    from .cache.config import CacheConfig, make_cache
-    from .cache.route import model_head_dim
+    from .cache.config import CacheConfig
+    from .cache.make import make_cache
+    from .cache.shape import shape_of
 
     n = len(model.layers)
-    group = default_group(model_head_dim(model))  # mlxkv's configs choose the same by themselves
+    group = default_group(shape_of(model).head_dim)  # mlxkv's configs choose the same by themselves
     mlxkv = lambda **fields: lambda: make_cache(model, CacheConfig(**fields))  # noqa: E731
     budget = dict(budget="16MB", key_bits=4, value_bits=4, residual=64)
     return {

@@ -1,5 +1,6 @@
 """Byte budgets, live statistics and saved caches, on the real default model."""
 
+import dataclasses
 import json
 import os
 
@@ -9,7 +10,9 @@ import pytest
 
 import mlxkv
 from mlxkv.budget import parse_bytes
-from mlxkv.cache.config import CacheConfig, make_cache
+from mlxkv.cache.config import CacheConfig
+from mlxkv.cache.make import make_cache
+from mlxkv.cache.shape import attach_shape
 from mlxkv.errors import CacheFileError, InputError
 from mlxkv.generation import prefill
 from mlxkv.persist import load_cache, save_cache
@@ -130,14 +133,14 @@ def test_corrupt_and_mismatched_files_are_clear_errors(smollm, tmp_path):
         load_cache(path, model)
     # Another model's cache.
     path.write_bytes(good)
-    other = dict(model.mlxkv_identity, name="another-model", layers=12)
-    saved = model.mlxkv_identity
+    saved = mlxkv.shape_of(model)
+    other = dict(saved.identity, name="another-model", layers=12)
     try:
-        model.mlxkv_identity = other
+        attach_shape(model, dataclasses.replace(saved, name="another-model", identity=other))
         with pytest.raises(CacheFileError, match="smollm2-135m"):
             load_cache(path, model)
     finally:
-        model.mlxkv_identity = saved
+        attach_shape(model, saved)
     # Not a cache file at all.
     mx.save_safetensors(str(tmp_path / "x.safetensors"), {"a": mx.zeros(3)})
     with pytest.raises(CacheFileError, match="not an mlxkv cache"):

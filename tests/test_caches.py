@@ -7,7 +7,8 @@ from mlx_lm.models.cache import KVCache
 
 import mlxkv
 from mlxkv.cache.base import CompressedCache
-from mlxkv.cache.config import CacheConfig, make_cache
+from mlxkv.cache.config import CacheConfig
+from mlxkv.cache.make import make_cache
 from mlxkv.cache.quantized import QuantizedCache
 from mlxkv.cache.window import WindowCache
 from mlxkv.errors import InputError

@@ -9,7 +9,8 @@ import mlxkv
 from conftest import tiny_model
 from mlxkv.cache.codebook import CodebookCodec, lloyd_max
 from mlxkv.cache.codec import AffineCodec, make_codec
-from mlxkv.cache.config import CacheConfig, make_cache
+from mlxkv.cache.config import CacheConfig
+from mlxkv.cache.make import make_cache
 from mlxkv.errors import InputError
 from mlxkv.persist import load_cache, save_cache
 
@@ -173,7 +174,6 @@ def test_codebook_caches_grow_save_and_hold_a_budget(tmp_path):
     model(mx.array(prompt)[None], cache=grow)
     st = mlxkv.cache_stats(grow)
     assert st.kept == 300 and st.layers[0].kept_quantized.get(3, 0) >= 256
-    model.mlxkv_identity = {"name": "tiny-llama"}
     save_cache(tmp_path / "c.safetensors", grow, model=model, config=config, tokens=prompt)
     loaded, _, tokens, _ = load_cache(tmp_path / "c.safetensors", model)
     step = mx.array([[7]])

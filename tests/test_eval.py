@@ -8,7 +8,8 @@ import sys
 import mlx.core as mx
 import pytest
 
-from mlxkv.cache.config import CacheConfig, make_cache
+from mlxkv.cache.config import CacheConfig
+from mlxkv.cache.make import make_cache
 from mlxkv.errors import InputError
 from mlxkv.evaluation import (REFERENCE, kl_divergence, log_softmax, nll, passkey, passkey_prompt,
                               perplexity, quality)

@@ -7,7 +7,8 @@ from mlx.utils import tree_flatten
 
 import mlxkv
 from mlxkv import settings
-from mlxkv.cache.config import CacheConfig, make_cache
+from mlxkv.cache.config import CacheConfig
+from mlxkv.cache.make import make_cache
 from mlxkv.cache.quantized import QuantizedCache
 from mlxkv.cache.scored import ScoredCache
 from mlxkv.cache.window import WindowCache

@@ -8,7 +8,8 @@ import pytest
 
 import mlxkv
 from mlxkv import CacheConfig, make_cache
-from mlxkv.cache.config import ALLOCATORS, allocate
+from mlxkv.cache.config import ALLOCATORS
+from mlxkv.cache.plan import allocate
 from mlxkv.cache.scored import ScoredCache
 from mlxkv.errors import InputError
 from mlxkv.evaluation import passkey_prompt
@@ -158,7 +159,6 @@ def test_scored_cache_save_load_round_trip(policy, tmp_path):
     from mlxkv.persist import load_cache, save_cache
 
     model = tiny_model("llama", num_hidden_layers=2)
-    model.mlxkv_identity = {"name": "tiny"}
     config = CacheConfig(budget=60_000, key_bits=8, value_bits=8, group_size=32, policy=policy)
     cache = make_cache(model, config)
     for _ in _feed(model, cache, 300, 50):
@@ -202,7 +202,6 @@ def test_adaptive_cache_save_load_round_trip(tmp_path):
     from mlxkv.persist import load_cache, save_cache
 
     model = tiny_model("llama", num_hidden_layers=2)
-    model.mlxkv_identity = {"name": "tiny"}
     config = CacheConfig(budget=60_000, key_bits=8, value_bits=8, group_size=32,
                          policy="snapkv", allocator="adaptive")
     cache = make_cache(model, config)

@@ -1,25 +1,15 @@
-"""``CacheConfig`` and ``make_cache``: the cache settings of a model, checked up front."""
+"""``CacheConfig``: the cache settings of a model, checked up front (``plan.py`` sizes
+the caches they give a model, ``make.py`` builds them)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-import mlx.core as mx
-from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-from ..budget import format_bytes, parse_bytes, token_bytes
+from ..budget import format_bytes, parse_bytes
 from ..errors import InputError
-from ..kernels import kernel_mode
-from ..policies import known_policies, make_policy
-from .layout import make_layout
+from ..policies import known_policies
 from .codebook import CODEBOOK_BITS
 from .codec import BITS, GROUP_SIZES, QUANTS, default_group
-from .full import FullCache
-from .fused import preflight
-from .quantized import QuantizedCache
-from .adaptive import AdaptiveScoredCache
-from .scored import ScoredCache
-from .window import WindowCache
 
 KEY_MODES = ("token", "channel")
 MAX_OUTLIERS = 8  # values kept exactly per key vector
@@ -253,107 +243,15 @@ class CacheConfig:
                     quant=self.quant, sketch=self.sketch, outliers=self.outliers,
                     middle=self.middle, middle_bits=self.middle_bits)
 
-    def layer_cache(self, layer: int, window: int | None = None, budget: int | None = None):
-        """The cache of one layer; a budgeted layer gets the window its ``budget`` holds."""
-        window = window or self.window
-        if window is not None:
-            args = dict(window=window, sinks=self.sinks, **self.layout_settings(),
-                        rotate=self.rotate, seed=self.seed + layer, budget=budget)
-            if self.policy != "window" and self.allocator == "adaptive":
-                return AdaptiveScoredCache(policy=make_policy(self.policy), **args)
-            if self.policy != "window":
-                return ScoredCache(policy=make_policy(self.policy), **args)
-            return WindowCache(**args)
-        if self.quantized:
-            return QuantizedCache(**self.layout_settings(), rotate=self.rotate, start=self.start,
-                                  seed=self.seed + layer)
-        return FullCache()
-
-
-def make_cache(model, config: CacheConfig | None = None, *, batch_size: int = 1) -> list:
-    """Per-layer caches for ``model``: the model's own cache layout (from mlx-lm), with
-    every plain full-attention ``KVCache`` replaced by the cache ``config`` asks for.
-    Layers with a cache of their own kind (sliding-window, state-space) keep it.
-    ``batch_size``: the sequences fed at once (the adaptive allocator takes one)."""
-    from .route import (is_routed, learned_sinks, model_dtype, model_group, model_head_dim,
-                        model_kv_heads, model_q_heads)
-
-    config = (config or CacheConfig()).resolve(model_head_dim(model))
-    if config.allocator == "adaptive" and batch_size != 1:
-        raise InputError(f"the adaptive allocator keeps one sequence (batch size 1, got "
-                         f"{batch_size}): use allocator 'uniform' or 'pyramid' for batches")
-    kernel_mode()  # a bad MLXKV_KERNELS is reported now, not at the first decode step
-    if config.kind != "full":
-        if learned_sinks(model):
-            raise InputError(f"{type(model).__module__.split('.')[-1]} models have learned "
-                             "attention sinks, which mlxkv's compressed caches do not support: "
-                             "use the full cache (no --kv-bits, --kv-window or --kv-budget)")
-        if not is_routed(model):
-            raise InputError("this model's attention is not routed to mlxkv's caches: call "
-                             "mlxkv.route(model) first (models from mlxkv.load are routed)")
-    caches = make_prompt_cache(model)
-    ours = [i for i, c in enumerate(caches) if type(c) is KVCache]
-    budgets = [None] * len(ours)
-    if config.budget is not None:  # a group's budget: each rank holds its share
-        budgets = allocate(config.budget // model_group(model).size, len(ours), config.allocator)
-    for n, i in enumerate(ours):
-        window = None if budgets[n] is None else budget_window(model, config, budgets[n], len(ours))
-        caches[i] = config.layer_cache(i, window, budgets[n])
-    if ours and config.kind != "full":
-        # every layer's cache uses the same kernels: compile them now, not mid-generation
-        preflight(caches[ours[0]], dtype=model_dtype(model), head_dim=model_head_dim(model),
-                  gqa=model_q_heads(model) // model_kv_heads(model))
-    return caches
-
 
 ALLOCATORS = ("uniform", "pyramid", "adaptive")
 
 
-def allocate(total: int, n_layers: int, allocator: str = "uniform") -> list[int]:
-    """Per-layer byte budgets that add up to ``total`` exactly."""
-    if allocator == "pyramid" and n_layers > 1:
-        weights = [1.5 - i / (n_layers - 1) for i in range(n_layers)]
-    else:
-        weights = [1.0] * n_layers
-    shares = [int(total * w / sum(weights)) for w in weights]
-    for i in range(total - sum(shares)):
-        shares[i % n_layers] += 1
-    return shares
+def __getattr__(name: str):
+    # ``make_cache`` lived here until 0.2: users' ``from mlxkv.cache.config import
+    # make_cache`` keeps working (imported on use: make.py imports this module)
+    if name == "make_cache":
+        from .make import make_cache
 
-
-def budget_window(model, config: CacheConfig, per_layer: int, n_layers: int) -> int:
-    """The window a layer can keep within ``per_layer`` bytes: sinks and residual buffer
-    at full precision, the middle in its codecs, the rest in the ring's codecs (plus, for
-    a scoring policy, each slot's score and position)."""
-    from .route import model_dtype, model_head_dim, model_kv_heads
-
-    head_dim = model_head_dim(model)
-    kv_heads = model_kv_heads(model)
-    dtype_size = model_dtype(model).size
-    lay = make_layout(**config.layout_settings())
-    unit = lay.unit
-    pair = lambda kc, vc: (token_bytes(kc, head_dim, kv_heads, dtype_size)  # noqa: E731
-                           + token_bytes(vc, head_dim, kv_heads, dtype_size))
-    full = 2 * kv_heads * head_dim * dtype_size  # one token's K and V at full precision
-    fixed = (config.sinks + config.residual + unit) * full
-    if lay.middle:
-        fixed += lay.middle_capacity * pair(lay.mkc, lay.mvc)  # its buffer
-    ring_token = pair(lay.kc, lay.vc)
-    if config.policy != "window":
-        ring_token += kv_heads * 8  # float32 score + int32 position per slot and head
-        # float32 score of each token not yet in it
-        fixed += (lay.held_back + unit + lay.middle_unit) * kv_heads * 4
-    if config.allocator == "adaptive":
-        ring_token += kv_heads * 4  # int32 head id per slot of the shared pool
-    ring = int((per_layer - fixed) // ring_token) // unit * unit
-    if ring < unit:
-        need = fixed + unit * ring_token
-        total = config.budget
-        raise InputError(
-            f"a KV budget of {format_bytes(total)} is too small for this model and cache: "
-            f"a layer's share ({format_bytes(per_layer)}) must be at least {format_bytes(need)} "
-            f"for {config.sinks} sinks, the residual{' and middle' if lay.middle else ''} "
-            f"and one block of {unit} tokens "
-            f"(about {format_bytes(need * total / per_layer)} in all)")
-    return ring + config.residual + lay.middle
-
+        return make_cache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -117,7 +117,7 @@ def load_for_args(args, quiet: bool = False, defaults: dict | None = None):
     """(model, tokenizer, resolved, cache config) for the command's flags (over
     ``defaults``, over the registry's defaults for the model), the config resolved for
     the model (e.g. its group size)."""
-    from ..cache.route import model_head_dim
+    from ..cache.shape import shape_of
     from ..models.loader import load_resolved
     from ..models.registry import load_registry
     from ..models.sources import resolve
@@ -127,7 +127,7 @@ def load_for_args(args, quiet: bool = False, defaults: dict | None = None):
     model_defaults = registry.entries[resolved.alias].cache if resolved.alias in registry.entries else {}
     config = cache_config_from_args(args, {**model_defaults, **(defaults or {})})
     model, tokenizer = load_resolved(resolved, group=getattr(args, "group", SINGLE))
-    return model, tokenizer, resolved, config.resolve(model_head_dim(model))
+    return model, tokenizer, resolved, config.resolve(shape_of(model).head_dim)
 
 
 def describe_ranks(stats) -> str:

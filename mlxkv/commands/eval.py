@@ -25,7 +25,7 @@ def progress_bar(enabled: bool):
 
 
 def run(args) -> int:
-    from ..cache.config import make_cache
+    from ..cache.make import make_cache
     from ..presets import cache_factories
     from ..settings import configs_from_toml
     from ..texts import load_text

@@ -24,8 +24,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..cache.config import make_cache
-    from ..generation import chat_tokens, stream_generate
+    from ..cache.make import make_cache
+    from ..generation import prompt_tokens, stream_generate
 
     group = getattr(args, "group", SINGLE)
     prompt = args.prompt
@@ -41,11 +41,8 @@ def run(args) -> int:
         raise InputError("the prompt is empty")
     sampling = sampling_from_args(args)
     model, tokenizer, resolved, config = load_for_args(args, quiet=not args.verbose)
-    if tokenizer.has_chat_template and not args.ignore_chat_template:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        tokens = chat_tokens(tokenizer, messages + [{"role": "user", "content": prompt}])
-    else:
-        tokens = prompt
+    tokens = prompt_tokens(tokenizer, prompt, chat_template=not args.ignore_chat_template,
+                           system=args.system or None)
     cache = make_cache(model, config)
     last = None
     for event in stream_generate(model, tokenizer, tokens, max_tokens=args.max_tokens,

@@ -35,10 +35,11 @@ def perplexity(total_nll: float, count: int) -> float:
 
 def kv_elements(model, cache) -> int:
     """Elements an fp cache of the tokens ``cache`` holds would have (K and V)."""
-    from ..cache.route import model_head_dim, model_kv_heads
+    from ..cache.shape import shape_of
 
     # mlx-lm's QuantizedKVCache does not report a size: it holds every token seen.
-    return sum(2 * model_kv_heads(model) * model_head_dim(model) * (c.size() or c.offset) for c in cache)
+    shape = shape_of(model)
+    return sum(2 * shape.kv_heads * shape.head_dim * (c.size() or c.offset) for c in cache)
 
 
 @dataclass

@@ -34,7 +34,8 @@ def load_resolved(resolved: ResolvedModel, *, dtype: mx.Dtype | None = None,
     """
     from mlx_lm.utils import dequantize_model
 
-    from ..cache.route import route, shard
+    from ..cache.route import route
+    from .shard import shard
 
     dtype = dtype or compute_dtype()
     if resolved.format == "gguf":
@@ -46,8 +47,8 @@ def load_resolved(resolved: ResolvedModel, *, dtype: mx.Dtype | None = None,
     model.set_dtype(dtype, lambda d: mx.issubdtype(d, mx.floating))
     shard(model, group)
     mx.eval(model.parameters())
-    model.mlxkv_identity = identity(resolved, model)
-    route(model)  # attention calls reach mlxkv's caches (mlxkv/cache/route.py)
+    # attention calls reach mlxkv's caches (mlxkv/cache/route.py); the model's shape is kept
+    route(model, name=resolved.alias or Path(resolved.path).name, group=group)
     return model, tokenizer
 
 
@@ -58,18 +59,6 @@ def _load_mlx_folder(path: Path):
         return mlx_lm_load(str(path))
     except (FileNotFoundError, ValueError, KeyError, OSError, json.JSONDecodeError) as e:
         raise ModelFileError(f"cannot load model folder {path}: {e}") from None
-
-
-def identity(resolved: ResolvedModel, model) -> dict:
-    """What a saved cache records about the model it belongs to."""
-    args = model.args
-    return {
-        "name": resolved.alias or Path(resolved.path).name,
-        "layers": len(model.layers),
-        "hidden_size": getattr(args, "hidden_size", None),
-        "kv_heads": getattr(args, "num_key_value_heads", None),
-        "vocab_size": getattr(args, "vocab_size", None),
-    }
 
 
 def load(name: str | None = None, *, dtype: mx.Dtype | None = None,

@@ -29,11 +29,11 @@ from mlx_lm.utils import common_prefix_len
 
 from ..budget import format_bytes
 from ..cache.config import CacheConfig
-from ..cache.layout import STEP
-from ..cache.route import model_dtype, model_group, model_head_dim, model_kv_heads
+from ..cache.plan import plan
+from ..cache.shape import shape_of
 from ..chat import ChatSession, kv_path
 from ..errors import InputError
-from ..generation import chat_tokens, context_length, encode_prompt
+from ..generation import DEFAULT_PREFILL_STEP, chat_tokens, context_length, encode_prompt
 from ..stats import CacheStats, gather_stats
 from .protocol import APIError, Request, bad, usage
 
@@ -71,7 +71,7 @@ class Entry:
         """Record what ``session``'s cache now holds."""
         self.tokens = list(session.cached_tokens)
         self.reply_start = session.last_reply_start
-        self.stats = gather_stats(session.cache, model_group(session.model))[0]
+        self.stats = gather_stats(session.cache, shape_of(session.model).group)[0]
 
 
 class SessionStore:
@@ -82,7 +82,7 @@ class SessionStore:
                  directory: Path | None = None, disk_total: int | None = None,
                  generation: dict | None = None, log: Callable[[str], None] | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.config = config.resolve(model_head_dim(model))
+        self.config = config.resolve(shape_of(model).head_dim)
         self.total, self.disk_total = total, disk_total
         self._own_dir = directory is None
         self.directory = Path(tempfile.mkdtemp(prefix="mlxkv-serve-")) if directory is None else Path(directory)
@@ -91,10 +91,9 @@ class SessionStore:
         self.log = log or (lambda text: print(f"mlxkv serve: {text}", file=sys.stderr, flush=True))
         self.entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
-        self.layers = len(model.layers)
-        self.token_bytes = 2 * model_kv_heads(model) * model_head_dim(model) * model_dtype(model).size
+        self.shape = shape_of(model)
         self.context = context_length(model)
-        self.group = model_group(model)
+        self.group = self.shape.group
         self.spilled = self.restored = self.forgotten = 0
         self.check(self.config)
 
@@ -104,16 +103,10 @@ class SessionStore:
 
     # ----- memory ----------------------------------------------------------------------
     def reserve_bytes(self, config: CacheConfig, tokens: int) -> int:
-        """The most a cache of ``config`` takes holding ``tokens`` tokens: its budget, or
-        (no budget) every kept token at full precision, buffers rounded up to their growth
-        step plus a prefill chunk, sinks and residual (a bound, not an estimate). In a
-        group: the whole group's (as ``--kv-total`` and the stats are)."""
-        if config.budget is not None:
-            return config.budget
-        kept = tokens if config.window is None else min(tokens, config.window + config.sinks)
-        step = self.generation.get("prefill_step", 512)
-        rows = -(-kept // STEP) * STEP + step + STEP + config.sinks + config.residual + 128
-        return self.layers * rows * self.token_bytes * self.group.size  # every rank's part
+        """The most a cache of ``config`` takes holding ``tokens`` tokens (its plan's
+        bound, prompts fed in this server's chunks)."""
+        chunk = self.generation.get("prefill_step", DEFAULT_PREFILL_STEP)
+        return plan(config, self.shape).bound_bytes(tokens, chunk)
 
     def check(self, config: CacheConfig) -> None:
         """A session of ``config`` fits in ``total`` with room for at least a prompt."""
@@ -190,7 +183,7 @@ class SessionStore:
 
     def session_for(self, req: Request, prompt: list[int]) -> Entry:
         """The session ``req`` continues (named, or found by prefix), or a new one."""
-        config = req.config.resolve(model_head_dim(self.model))
+        config = req.config.resolve(shape_of(self.model).head_dim)
         if req.session_id is not None:
             entry = self.entries.get(req.session_id)
             if entry is not None and entry.config != config:

@@ -8,7 +8,8 @@ import sys
 
 import mlxkv
 from mlxkv import distributed
-from mlxkv.cache.config import CacheConfig, make_cache
+from mlxkv.cache.config import CacheConfig
+from mlxkv.cache.make import make_cache
 from mlxkv.chat import ChatSession
 from mlxkv.generation import chat_tokens, stream_generate
 
