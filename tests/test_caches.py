@@ -329,3 +329,35 @@ def test_routing_is_explicit_and_reversible():
     assert route._USERS["mlx_lm.models.llama"] == users
     assert llama.scaled_dot_product_attention is not base.scaled_dot_product_attention
     assert isinstance(make_cache(model, CacheConfig(window=8))[0], CompressedCache)
+
+
+def test_hand_routed_mlx_lm_model_saves_and_reloads_its_cache(tmp_path):
+    """A model built by mlx-lm and routed by hand (no ``mlxkv.load``) has a shape (its
+    identity included), so its compressed cache saves and loads back with the same
+    next-token logits."""
+    from mlx_lm.models import llama
+
+    from mlxkv.persist import load_cache, save_cache
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2,
+                           intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           rms_norm_eps=1e-5, vocab_size=256, head_dim=32,
+                           tie_word_embeddings=True)
+    mx.random.seed(3)
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    mlxkv.route(model)
+    shape = mlxkv.shape_of(model)
+    assert (shape.name, shape.head_dim, shape.kv_heads, shape.gqa) == ("llama", 32, 2, 2)
+    assert shape.attention_layers == (0, 1) and shape.identity["layers"] == 2
+    config = CacheConfig(key_bits=4, value_bits=4, group_size=32, residual=16)
+    cache = make_cache(model, config)
+    prompt = list(range(3, 83))
+    model(mx.array(prompt)[None], cache=cache)
+    path = save_cache(tmp_path / "c.safetensors", cache, model=model, config=config, tokens=prompt)
+    loaded, got_config, tokens, _ = load_cache(path, model)
+    assert tokens == prompt and got_config.key_bits == 4
+    step = mx.array([[7]])
+    want = model(step, cache=cache)
+    got = model(step, cache=loaded)
+    assert mx.array_equal(want, got)

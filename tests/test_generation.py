@@ -97,3 +97,32 @@ def test_chat_keeps_history_on_error(smollm):
     with pytest.raises(InputError):
         chat.ask("   ")
     assert chat.messages == before
+
+
+def test_a_plain_question_is_answered_through_the_chat_template(smollm):
+    """What a new user types first (README): a string prompt gets the model's chat
+    template, as ``mlxkv generate`` gives it."""
+    model, tok = smollm
+    assert "Paris" in mlxkv.generate(model, tok, "What is the capital of France?")
+
+
+def test_prompt_forms_give_the_tokens_a_user_means(smollm, paris_prompt):
+    from mlxkv.generation import encode_prompt, prompt_tokens
+
+    model, tok = smollm
+    question = "What is the capital of France?"
+    templated = prompt_tokens(tok, question)
+    assert templated == encode_prompt(tok, paris_prompt)  # the CLI's rendering
+    assert prompt_tokens(tok, [{"role": "user", "content": question}]) == templated
+    assert prompt_tokens(tok, paris_prompt) == templated  # already rendered: not again
+    assert prompt_tokens(tok, templated) == templated  # token ids as they are
+    raw = prompt_tokens(tok, question, chat_template=False)
+    assert raw == list(tok.encode(question)) and len(raw) < len(templated)
+    with_system = prompt_tokens(tok, question, system="Answer in French.")
+    assert tok.decode(with_system).count("Answer in French.") == 1
+    for bad, needle in ((" ", "empty"), ([{"role": "user"}], "'content'"),
+                        ([{"role": "user", "content": "hi"}, 5], "not a mix")):
+        with pytest.raises(InputError, match=needle):
+            prompt_tokens(tok, bad)
+    with pytest.raises(InputError, match="system message"):
+        prompt_tokens(tok, question, chat_template=False, system="x")

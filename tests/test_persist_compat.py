@@ -1,5 +1,6 @@
-"""Caches saved by mlxkv 0.1 (``tests/data/cache-v1``, written by the 0.1 code with
-``make.py`` there) load with today's code and continue exactly as 0.1 continued them."""
+"""Caches saved by mlxkv 0.1 and 0.2 (``tests/data/cache-v1``, ``cache-v2``, written by
+that version's code with ``make.py`` there) load with today's code and continue exactly as
+that version continued them."""
 
 import gzip
 import json
@@ -11,15 +12,16 @@ import pytest
 from mlxkv import stream_generate
 from mlxkv.persist import load_cache, save_cache
 
-DATA = Path(__file__).parent / "data" / "cache-v1"
-EXPECTED = json.loads((DATA / "expected.json").read_text())
+DATA = Path(__file__).parent / "data"
+CASES = [(version, name) for version in ("cache-v1", "cache-v2")
+         for name in sorted(json.loads((DATA / version / "expected.json").read_text()))]
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_a_cache_saved_by_0_1_loads_and_continues_as_it_did(name, smollm, tmp_path):
+@pytest.mark.parametrize("version,name", CASES)
+def test_a_saved_cache_loads_and_continues_as_it_did(version, name, smollm, tmp_path):
     model, tok = smollm
     path = tmp_path / f"{name}.safetensors"
-    with gzip.open(DATA / f"{name}.safetensors.gz") as src, open(path, "wb") as dst:
+    with gzip.open(DATA / version / f"{name}.safetensors.gz") as src, open(path, "wb") as dst:
         shutil.copyfileobj(src, dst)
     cache, config, tokens, _ = load_cache(path, model)
     assert cache[0].offset == len(tokens) > 0
@@ -28,7 +30,7 @@ def test_a_cache_saved_by_0_1_loads_and_continues_as_it_did(name, smollm, tmp_pa
                        tokens=tokens)
     cache2, config2, tokens2, _ = load_cache(again, model)
     assert config2 == config and tokens2 == tokens
-    want = EXPECTED[name]
+    want = json.loads((DATA / version / "expected.json").read_text())[name]
     for c in (cache, cache2):
         out = []
         for event in stream_generate(model, tok, want["feed"], cache=c, max_tokens=len(want["greedy"])):
