@@ -19,6 +19,7 @@ import mlx.core as mx
 from .errors import InputError
 from .kernels import QuantizedKV, quantize_rows, sdpa_quantized
 from .kernels import _metal
+from .kernels._metal import kernel_factory
 from .kernels.sdpa_quantized import fused_available, sdpa_quantized_reference
 
 
@@ -71,16 +72,15 @@ def _median_ms(fn, repeats: int, warmup: int = 3) -> float:
 @contextlib.contextmanager
 def simulated(simulator=None):
     """Route mlxkv's kernels to the CPU simulator of Metal (``simulator``, or a default
-    one) for the duration."""
+    one) for the duration, on their Metal path (``MLXKV_KERNELS=metal``)."""
     from .metalsim import Simulator
 
-    original, mode = mx.fast.metal_kernel, os.environ.get("MLXKV_KERNELS")
-    mx.fast.metal_kernel = (simulator or Simulator()).metal_kernel
+    mode = os.environ.get("MLXKV_KERNELS")
     os.environ["MLXKV_KERNELS"] = "metal"
     try:
-        yield
+        with kernel_factory((simulator or Simulator()).metal_kernel):
+            yield
     finally:
-        mx.fast.metal_kernel = original
         if mode is None:
             os.environ.pop("MLXKV_KERNELS", None)
         else:

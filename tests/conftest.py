@@ -3,6 +3,8 @@ import mlxkv  # noqa: F401  (loads OpenBLAS before mlx, see mlxkv/_blas.py)
 import mlx.core as mx
 import pytest
 
+from mlxkv.kernels._metal import kernel_factory
+
 
 def pytest_collection_modifyitems(items):
     """Tests on the real default model get the ``model`` mark (``-m "not model"``: the
@@ -59,6 +61,7 @@ def metal_sim(simulator, monkeypatch):
     also go through Apple's compiler), elsewhere the simulator, which is returned."""
     monkeypatch.setenv("MLXKV_KERNELS", "metal")
     if mx.metal.is_available():
-        return None
-    monkeypatch.setattr(mx.fast, "metal_kernel", simulator.metal_kernel)
-    return simulator
+        yield None
+        return
+    with kernel_factory(simulator.metal_kernel):
+        yield simulator

@@ -79,3 +79,43 @@ def test_no_openblas_on_the_machine_names_the_package(monkeypatch):
     assert "no OpenBLAS on this machine" in reason and "apt-get install libopenblas0" in reason
     monkeypatch.setattr(_blas, "mlx_uses_openblas", lambda: True)
     assert _blas.slow_blas_reason() is None
+
+
+def test_the_start_up_hook_does_nothing_on_macos(monkeypatch):
+    """On a Mac (Metal and Accelerate) the hook adds no import hook, loads nothing and
+    never warns, whatever mlx's state."""
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.delenv("MLXKV_BLAS", raising=False)
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    monkeypatch.delitem(sys.modules, "mlx", raising=False)  # as at interpreter start
+    loads = []
+    monkeypatch.setattr(_blas, "find_openblas", lambda: loads.append("looked") or ["x"])
+    before = list(sys.meta_path)
+    assert not _blas.wanted()
+    assert _blas.install_hook() is False and sys.meta_path == before
+    monkeypatch.delitem(sys.modules, "mlx.core", raising=False)
+    assert _blas.preload_openblas() is None
+    assert _blas.slow_blas_reason() is None and loads == []
+
+
+def test_product_code_never_imports_the_metal_simulator():
+    """``import mlxkv``, the CLI's modules and a generation on a compressed cache leave
+    the simulator (tooling for tests and ``bench --simulate``) unimported."""
+    code = """
+import sys
+import mlxkv, mlxkv.cli, mlxkv.commands.generate, mlxkv.commands.chat, mlxkv.commands.serve
+import mlx.core as mx
+from mlx_lm.models import llama
+args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=1,
+                       intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                       rms_norm_eps=1e-5, vocab_size=64, head_dim=32, tie_word_embeddings=True)
+model = llama.Model(args)
+mlxkv.route(model)
+cache = mlxkv.make_cache(model, mlxkv.CacheConfig(key_bits=4, value_bits=4, window=40))
+for _ in range(3):
+    mx.eval(model(mx.array([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]), cache=cache))
+print(sorted(m for m in sys.modules if m.startswith("mlxkv.metalsim") or m == "mlxkv.kernel_bench"))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]"

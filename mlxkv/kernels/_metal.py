@@ -3,6 +3,7 @@ per source and factory, and the choice between Metal and the reference."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from functools import lru_cache
@@ -37,22 +38,43 @@ def source(name: str) -> str:
 
 
 _BUILT: dict = {}
+_FACTORIES: list = []  # kernel factories put in place of mx.fast.metal_kernel, innermost last
+
+
+def factory():
+    """What builds mlxkv's kernels: ``mx.fast.metal_kernel``, or the factory of the
+    innermost ``kernel_factory`` (a CPU simulator of Metal, in tests and ``bench
+    --simulate``)."""
+    return _FACTORIES[-1] if _FACTORIES else mx.fast.metal_kernel
+
+
+@contextlib.contextmanager
+def kernel_factory(make):
+    """Build mlxkv's kernels with ``make`` (``mx.fast.metal_kernel``'s signature) for the
+    duration. Nothing of MLX is changed, and nothing of the product imports a simulator:
+    the caller brings it (whether the dispatchers take the Metal path is still
+    ``MLXKV_KERNELS``'s choice)."""
+    _FACTORIES.append(make)
+    try:
+        yield make
+    finally:
+        _FACTORIES.remove(make)
 
 
 def kernel(name: str, inputs: list[str], outputs: list[str], *, header: tuple[str, ...] = (),
            **options):
-    """``mx.fast.metal_kernel`` for ``metal_kernels/<name>.metal`` after the ``header``
-    files, in order, built once per source and per kernel factory (so a simulator put in
-    its place gets its own build)."""
-    factory = mx.fast.metal_kernel
-    key = (name, tuple(inputs), tuple(outputs), header, id(factory))
+    """The kernel of ``metal_kernels/<name>.metal`` after the ``header`` files, in order,
+    built once per source and per kernel factory (``factory()``: a simulator put in place
+    gets its own build)."""
+    make = factory()
+    key = (name, tuple(inputs), tuple(outputs), header, id(make))
     built = _BUILT.get(key)
-    if built is None or built[0] is not factory:
+    if built is None or built[0] is not make:
         # `#line` names the header in compile errors, Apple's and the simulator's
         head = "".join(f'#line 1 "{h}"\n' + source(h) for h in header)
-        fn = factory(name=name, input_names=inputs, output_names=outputs,
-                     source=source(f"{name}.metal"), header=head, **options)
-        built = _BUILT[key] = (factory, fn)
+        fn = make(name=name, input_names=inputs, output_names=outputs,
+                  source=source(f"{name}.metal"), header=head, **options)
+        built = _BUILT[key] = (make, fn)
     return built[1]
 
 
