@@ -1,17 +1,36 @@
 import mlxkv  # noqa: F401  (loads OpenBLAS before mlx, see mlxkv/_blas.py)
 
+import contextlib
+
 import mlx.core as mx
 import pytest
 
 from mlxkv.kernels._metal import kernel_factory
 
 
+# What each test is, by tier: ``model`` (the real default model), ``process`` (starts
+# other processes: tensor-parallel groups, wheel builds, servers, a terminal, the CLI),
+# else by what it tests, in one process on tiny random-weight models and kernels:
+# ``kernel``, ``cache`` or ``unit``. `pytest -m "unit or cache or kernel"` runs those alone.
+PROCESS_MODULES = ("test_distributed", "test_packaging", "test_layers", "test_cli", "test_server")
+TIERS = {
+    "kernel": ("test_kernels", "test_metalsim", "test_metal_strict"),
+    "cache": ("test_caches", "test_policies", "test_middle", "test_codebook", "test_budget",
+              "test_persist_compat"),
+}
+
+
 def pytest_collection_modifyitems(items):
-    """Tests on the real default model get the ``model`` mark (``-m "not model"``: the
-    fast tests, on tiny random-weight models and kernels)."""
     for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
         if "smollm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.model)
+        elif module in PROCESS_MODULES:
+            item.add_marker(pytest.mark.process)
+        if item.get_closest_marker("model") or item.get_closest_marker("process"):
+            continue
+        tier = next((t for t, modules in TIERS.items() if module in modules), "unit")
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")
@@ -48,11 +67,21 @@ def tiny_model(model_type: str, **overrides):
 
 
 @pytest.fixture(scope="session")
-def simulator(tmp_path_factory):
-    """The Metal simulator, compiling into a temp dir of this test session."""
+def simulator():
+    """The Metal simulator. Its compiled kernels are kept between runs in the user's
+    cache directory (``MLXKV_CACHE_DIR`` overrides), keyed by a hash of everything that
+    goes into them, so a second run compiles only what changed."""
     from mlxkv.metalsim import Simulator
 
-    return Simulator(cache=tmp_path_factory.mktemp("metalsim"))
+    return Simulator()
+
+
+@pytest.fixture
+def kernels_built_by():
+    """``kernels_built_by(make)``: mlxkv's kernels are built by ``make`` (a simulator's
+    ``metal_kernel``, or a wrapper of one) until the test ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda make: stack.enter_context(kernel_factory(make))
 
 
 @pytest.fixture

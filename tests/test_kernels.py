@@ -246,11 +246,11 @@ def test_sdpa_layouts_the_kernel_does_not_take_fall_back(metal_sim):
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_sdpa_same_result_in_shuffled_schedules(simulator, monkeypatch, seed):
+def test_sdpa_same_result_in_shuffled_schedules(kernels_built_by, simulator, monkeypatch, seed):
     from mlxkv.metalsim import Simulator
 
     shuffled = Simulator(seed=seed, cache=simulator.cache)
-    monkeypatch.setattr(mx.fast, "metal_kernel", shuffled.metal_kernel)
+    kernels_built_by(shuffled.metal_kernel)
     case = attention_case(n=300, nf=3, rep=2)
     for passes in (1, 2):
         got, want = run_both(case, passes, mass_rows=(0, 1), new=new_token(case, [[5, 200]]))
@@ -305,7 +305,7 @@ def test_unsupported_shape_falls_back_to_reference(metal_sim):
 
 
 @pytest.mark.parametrize("n", [0, 2])  # no ring (dummy inputs), a ring of 2 tokens
-def test_no_input_is_bound_in_the_constant_address_space(metal_sim, monkeypatch, n):
+def test_no_input_is_bound_in_the_constant_address_space(kernels_built_by, metal_sim, monkeypatch, n):
     """MLX binds inputs under 8 elements as ``const constant``; the kernels read every
     input through ``device`` pointers, which Apple's compiler cannot bind to those. The
     generated signatures of every launch (ring-less and tiny rings, with a new token and
@@ -313,7 +313,7 @@ def test_no_input_is_bound_in_the_constant_address_space(metal_sim, monkeypatch,
     if metal_sim is None:
         pytest.skip("on a Mac the real compiler checks this")
     signatures = []
-    simulate = mx.fast.metal_kernel
+    simulate = metal_sim.metal_kernel
 
     def recording(**spec):
         kernel = simulate(**spec)
@@ -324,7 +324,7 @@ def test_no_input_is_bound_in_the_constant_address_space(metal_sim, monkeypatch,
             return kernel(**call)
         return launch
 
-    monkeypatch.setattr(mx.fast, "metal_kernel", recording)
+    kernels_built_by(recording)
     case = attention_case(B=1, H=1, rep=1, n=n, nf=1, D=32, group=32)
     got, mass = sdpa_quantized.sdpa_quantized(**case, mass_rows=(0, 1))
     want = sdpa_quantized.sdpa_quantized_reference(**case, mass_rows=(0, 1))
@@ -344,7 +344,7 @@ def test_no_input_is_bound_in_the_constant_address_space(metal_sim, monkeypatch,
         assert "const device" in text and not re.search(r"constant [\w:<>]+\s*\*", text), text
 
 
-def test_kernel_failing_on_the_device_falls_back_to_reference_with_a_warning(monkeypatch):
+def test_kernel_failing_on_the_device_falls_back_to_reference_with_a_warning(kernels_built_by, monkeypatch):
     # What a Mac user gets if Apple's compiler rejects a kernel: a warning, the right
     # answer from the reference, and the kernel turned off for the rest of the process.
     monkeypatch.delenv("MLXKV_KERNELS", raising=False)
@@ -359,7 +359,7 @@ def test_kernel_failing_on_the_device_falls_back_to_reference_with_a_warning(mon
             raise RuntimeError("[metal::Device] Unable to build metal library from source")
         return launch
 
-    monkeypatch.setattr(mx.fast, "metal_kernel", rejecting_compiler)
+    kernels_built_by(rejecting_compiler)
     case = attention_case(n=40)
     with pytest.warns(RuntimeWarning, match="sdpa_quantized failed on this device"):
         got = sdpa_quantized.sdpa_quantized(**case)
@@ -381,7 +381,7 @@ def test_kernel_failing_on_the_device_falls_back_to_reference_with_a_warning(mon
     dict(key_bits=2, value_bits=2, key_mode="channel", residual=32),
     dict(key_bits=4, value_bits=4, budget="4MB", policy="snapkv"),
 ])
-def test_model_greedy_tokens_same_on_metal_path(smollm, simulator, monkeypatch, config):
+def test_model_greedy_tokens_same_on_metal_path(kernels_built_by, smollm, simulator, monkeypatch, config):
     model, tok = smollm
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "The tide rises and falls twice a day. " * 8
@@ -392,7 +392,7 @@ def test_model_greedy_tokens_same_on_metal_path(smollm, simulator, monkeypatch, 
     want = mlxkv.generate(model, tok, prompt, max_tokens=6, cache=mlxkv.make_cache(model, cfg))
     monkeypatch.setenv("MLXKV_KERNELS", "metal")
     if not mx.metal.is_available():
-        monkeypatch.setattr(mx.fast, "metal_kernel", simulator.metal_kernel)
+        kernels_built_by(simulator.metal_kernel)
     cache = mlxkv.make_cache(model, cfg)  # compiles its kernels (preflight)
     before = simulator.launches.copy()
     got = mlxkv.generate(model, tok, prompt, max_tokens=6, cache=cache)
@@ -457,7 +457,7 @@ def test_bench_kernels_needs_metal_or_simulate(capsys, monkeypatch):
 
 @pytest.mark.parametrize("config", [dict(key_bits=4, value_bits=4),
                                     dict(key_bits=4, value_bits=4, window=600, policy="snapkv")])
-def test_make_cache_compiles_every_decode_kernel_before_generation(simulator, monkeypatch, config):
+def test_make_cache_compiles_every_decode_kernel_before_generation(kernels_built_by, simulator, monkeypatch, config):
     """auto mode on a 'Mac' (the simulator as its GPU): each kernel instantiation a decode
     step uses, the two-pass variant past 512 tokens included, is compiled and checked when
     the cache is made, so generation itself checks (compiles) nothing new."""
@@ -465,7 +465,7 @@ def test_make_cache_compiles_every_decode_kernel_before_generation(simulator, mo
 
     monkeypatch.delenv("MLXKV_KERNELS", raising=False)
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-    monkeypatch.setattr(mx.fast, "metal_kernel", simulator.metal_kernel)
+    kernels_built_by(simulator.metal_kernel)
     monkeypatch.setattr(_metal, "_CHECKED", set())
     monkeypatch.setattr(_metal, "_FAILED", {})
     model = tiny_model("llama")
@@ -486,7 +486,7 @@ def test_make_cache_compiles_every_decode_kernel_before_generation(simulator, mo
     assert _metal._CHECKED == ready and not _metal._FAILED
 
 
-def test_codebook_preflight_compiles_what_codebook_attention_uses(simulator, monkeypatch):
+def test_codebook_preflight_compiles_what_codebook_attention_uses(kernels_built_by, simulator, monkeypatch):
     """auto mode on a 'Mac' (the simulator as its GPU): ``codebook_preflight`` compiles
     and checks both codebook kernels for a codec's planes, dtype and head dim, so
     attention over codebook codes of any length then compiles nothing new. Without
@@ -495,7 +495,7 @@ def test_codebook_preflight_compiles_what_codebook_attention_uses(simulator, mon
     from mlxkv.kernels import codebook_preflight
 
     monkeypatch.delenv("MLXKV_KERNELS", raising=False)
-    monkeypatch.setattr(mx.fast, "metal_kernel", simulator.metal_kernel)
+    kernels_built_by(simulator.metal_kernel)
     monkeypatch.setattr(_metal, "_CHECKED", set())
     monkeypatch.setattr(_metal, "_FAILED", {})
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)
@@ -557,7 +557,7 @@ def _decode_caches():
 
 
 @pytest.mark.parametrize("kind", list(_decode_caches()))
-def test_cache_decode_on_the_fused_path_stores_and_attends_as_the_reference(
+def test_cache_decode_on_the_fused_path_stores_and_attends_as_the_reference(kernels_built_by, 
         simulator, monkeypatch, kind):
     """Decode steps, one token at a time past a ring's capacity (each evicting), on the
     simulated Metal path — the new token quantized inside the attention launch, the slot
@@ -571,7 +571,7 @@ def test_cache_decode_on_the_fused_path_stores_and_attends_as_the_reference(
     for mode in ("reference", "metal"):
         monkeypatch.setenv("MLXKV_KERNELS", mode)
         if mode == "metal" and not mx.metal.is_available():
-            monkeypatch.setattr(mx.fast, "metal_kernel", simulator.metal_kernel)
+            kernels_built_by(simulator.metal_kernel)
         cache = _decode_caches()[kind]()
         cache.update_and_fetch(k[:, :, :T], v[:, :, :T])
         cache.attend(q[:, :, :T], scale=0.125)

@@ -28,7 +28,8 @@ from functools import lru_cache
 import mlx.core as mx
 import numpy as np
 
-from ..kernels.codebook_attention import codebook_scores, codebook_weighted, vectors_reference
+from ..kernels.codebook_attention import (codebook_preflight, codebook_scores, codebook_weighted,
+                                          vectors_reference)
 from ..kernels.codebook_attention import codes as codes_of
 from .rotation import hadamard_signs, rotate, unrotate
 
@@ -129,6 +130,11 @@ class CodebookCodec:
     def grow(self, state, extra):
         return tuple(mx.concatenate([a, mx.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype)], axis=2)
                      for a in state)
+
+    def preflight(self, dtype, head_dim: int) -> None:
+        """Compile the attention kernels this codec's storage launches (both products)."""
+        mx.eval(self.encode(mx.zeros((1, 1, 1, head_dim), dtype)))
+        codebook_preflight(dtype=dtype, head_dim=head_dim, widths=PLANES[self.bits])
 
     def encode(self, x):
         """x (B, H, n, D) float -> the codes' bit planes and the scales of those n tokens

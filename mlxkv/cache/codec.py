@@ -64,6 +64,9 @@ class FloatCodec:
     def encode(self, x):
         return (x,)
 
+    def preflight(self, dtype, head_dim: int) -> None:
+        """Compile what this codec's storage launches (nothing at full precision)."""
+
     def slots(self, state, n):
         return (state[0][..., :n, :],)
 
@@ -120,6 +123,10 @@ class AffineCodec:
 
     def write(self, state, slot, x):
         self.store(state, slot, self.encode(x), x.shape[2])
+
+    def preflight(self, dtype, head_dim: int) -> None:
+        """Compile the quantizer this codec launches (``quantize_rows``), on one block."""
+        mx.eval(self.encode(mx.zeros((1, 1, self.block, head_dim), dtype)))
 
     def store(self, state, slot, parts, n):
         w, s, b = parts

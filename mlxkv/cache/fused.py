@@ -92,8 +92,8 @@ def preflight(cache, *, dtype: mx.Dtype, head_dim: int, gqa: int) -> None:
     kernel instantiation ``cache``'s decode steps will use (the ring's quantizer for
     prompt chunks, both variants of the fused attention: with the new token quantized
     inside when decode tokens go straight into the ring, else without; each with the
-    attention mass when a scoring policy reads it), so the first use of each
-    mid-generation costs no compile, and one Apple's compiler rejects is turned off now
+    attention mass when a scoring policy reads it; a codebook's products), so the first
+    use of each mid-generation costs no compile, and one Apple's compiler rejects is turned off now
     (``kernels._metal.launch``). ``gqa``: query heads per kv head (the kernels are built
     per group of query heads). Nothing to do without Metal."""
     layout, eviction = cache.layout, cache.eviction
@@ -101,8 +101,8 @@ def preflight(cache, *, dtype: mx.Dtype, head_dim: int, gqa: int) -> None:
         return
     x = mx.zeros((1, gqa, 1, head_dim), dtype)
     for codec in (layout.kc, layout.vc, layout.mkc, layout.mvc):
-        if codec is not None and codec.bits is not None:
-            mx.eval(codec.encode(mx.zeros((1, 1, codec.block, head_dim), dtype)))
+        if codec is not None:
+            codec.preflight(dtype, head_dim)
     if not takes(layout, eviction):
         return
     kc, vc = layout.kc, layout.vc
