@@ -14,13 +14,15 @@ COMMANDS = {
                       "full precision"),
     "window": ("N|off", "keep only the sinks + the N most recent tokens (no budget)"),
     "policy": ("NAME", "eviction policy under the budget"),
+    "kv": ("SETTING VALUE", "any cache setting, as its --kv-* flag, e.g. /kv residual 128 "
+                            "(/kv alone lists them)"),
     "clear": ("", "start a new conversation (ctrl+n)"),
     "save": ("NAME", "save the conversation and its compressed cache as NAME"),
     "load": ("NAME", "open the conversation saved as NAME"),
     "chats": ("", "list saved conversations"),
     "help": ("", "show keys and commands (F1)"),
 }
-CACHE_COMMANDS = ("budget", "bits", "window", "policy")
+CACHE_COMMANDS = ("budget", "bits", "window", "policy", "kv")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ def parse(line: str) -> Command | None:
         raise InputError(f"unknown command /{name} (known: "
                          + ", ".join(f"/{c}" for c in COMMANDS) + ")")
     usage = COMMANDS[name][0]
+    if name == "kv" and not arg:
+        raise InputError("/kv SETTING VALUE sets one of: " + ", ".join(
+            n.replace("_", "-") for n in (*settings.WORDS, *settings.FIELDS)))
     if usage and not arg:
         raise InputError(f"/{name} needs an argument: /{name} {usage}")
     if not usage and arg:
@@ -52,4 +57,9 @@ def cache_change(config: CacheConfig, command: Command) -> CacheConfig:
     the command's name is the setting, read by ``mlxkv.settings`` like a CLI flag."""
     if command.name not in CACHE_COMMANDS:
         raise ValueError(f"/{command.name} is not a cache command")
+    if command.name == "kv":
+        name, _, value = command.arg.partition(" ")
+        if not value.strip():
+            raise InputError(f"/kv {name} needs a value: /kv {name} VALUE")
+        return settings.apply(config, {name: value.strip()})
     return settings.apply(config, {command.name: command.arg})

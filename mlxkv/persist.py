@@ -4,8 +4,7 @@ One ``.safetensors`` file: every layer's arrays as stored (packed, quantized), b
 (``layer.<i>.<name>``), plus metadata: the format version, the model's identity, the
 cache config, each layer's counters and the token ids the cache holds. A load into
 another model or with a config that does not match is a clear error; a save is atomic
-(temp file + rename). Files of mlxkv 0.1 (format ``mlxkv-cache-1``, arrays by position)
-still load.
+(temp file + rename). Files of earlier formats still load (``persist_upgrades``).
 """
 
 from __future__ import annotations
@@ -24,9 +23,9 @@ from .cache.make import make_cache
 from .cache.full import FullCache
 from .cache.shape import shape_of
 from .errors import CacheFileError
+from .persist_upgrades import FORMATS, by_name
 
-FORMAT = "mlxkv-cache-2"
-FORMATS = ("mlxkv-cache-1", FORMAT)  # 1: mlxkv 0.1, a layer's arrays by position
+FORMAT = FORMATS[-1]
 
 
 def _layer_arrays(c) -> tuple[dict, list[str]]:
@@ -120,10 +119,9 @@ def load_cache(path: str | Path, model) -> tuple[list, CacheConfig, list[int], d
         if not i.isdigit() or int(i) >= len(cache) or not name:
             raise CacheFileError(f"{path} holds an array {key!r} this model's cache does not have")
         by_layer[int(i)][name] = a
-    v1 = meta["format"] == "mlxkv-cache-1"
     for i, (c, m, layer) in enumerate(zip(cache, metas, by_layer)):
         try:
-            _restore(c, layer, m, v1)
+            _restore(c, layer, m, meta["format"])
         except (KeyError, IndexError, ValueError) as e:
             raise CacheFileError(f"{path}: layer {i}'s arrays are incomplete ({e})") from None
         if layer and not isinstance(c, FullCache) and not c.layout.consistent():
@@ -134,14 +132,13 @@ def load_cache(path: str | Path, model) -> tuple[list, CacheConfig, list[int], d
     return cache, config, tokens, extra
 
 
-def _restore(c, layer: dict, meta: list[str], v1: bool) -> None:
-    """Put a layer's saved arrays (by name; by position "0", "1", ... in a 0.1 file) and
-    counters into its fresh cache ``c``."""
-    if v1:
-        layer = [layer[str(j)] for j in range(len(layer))]
+def _restore(c, layer: dict, meta: list[str], fmt: str) -> None:
+    """Put a layer's saved arrays (of file format ``fmt``) and counters into its fresh
+    cache ``c``."""
+    layer = by_name(c, layer, fmt)
     if isinstance(c, FullCache):
         if layer:
-            c.update_and_fetch(*(layer if v1 else (layer["keys"], layer["values"])))
+            c.update_and_fetch(layer["keys"], layer["values"])
         return
-    c.state = c.v1_state(layer) if v1 else tree_unflatten(list(layer.items()))
+    c.state = tree_unflatten(list(layer.items()))
     c.meta_state = meta

@@ -3,36 +3,34 @@ chat app's slash commands and settings screen, and ``[configs."name"]`` tables o
 config files (and a server's per-request fields).
 
 Words are ``CacheConfig`` field names, with or without a ``kv_`` prefix, plus ``bits``
-(keys and values) and ``max_kv_size`` (mlx-lm's name: sinks + window). Values may be
-typed or text: "off"/"none" turn bits, a window or a budget off; sizes take units
+(keys and values) and ``max_kv_size`` (mlx-lm's name: sinks + window); each field's
+``spec.setting`` says how its value is read. Values may be typed or text: "off"/"none" turn bits, a window or a budget off; sizes take units
 ("64MB"). Changing one of budget/window drops the other; turning bits off drops what
 only applies to quantized caches (per-channel keys, residual, middle, rotation).
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any, Mapping
 
 from .budget import parse_bytes
 from .cache.config import CacheConfig
+from .cache.spec import declared
 from .errors import InputError
 
 OFF = ("off", "none")
-NULLABLE = ("key_bits", "value_bits", "group_size", "window", "budget")
-COUNTS = ("key_bits", "value_bits", "group_size", "residual", "window", "sinks", "start",
-          "seed", "max_kv_size", "middle", "middle_bits", "outliers")
-TEXT = ("key_mode", "policy", "allocator", "quant")
-FIELDS = tuple(f.name for f in fields(CacheConfig))
+SETTINGS = declared(CacheConfig)  # name -> (spec.Setting, default)
+WORDS = ("bits", "max_kv_size")   # words that are not one field: both bits, mlx-lm's window
+FIELDS = tuple(SETTINGS)
 
 
 def _off(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in OFF)
 
 
-def _count(name: str, value: Any) -> int | None:
+def _count(name: str, value: Any, nullable: bool) -> int | None:
     if _off(value):
-        if name in NULLABLE:
+        if nullable:
             return None
         raise InputError(f"{name} cannot be off (give a whole number)")
     if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -41,6 +39,13 @@ def _count(name: str, value: Any) -> int | None:
         return int(value)
     except ValueError:
         raise InputError(f"{name} must be a whole number or 'off' (got {value!r})") from None
+
+
+def _fraction(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number from 0 to 1 (got {value!r})") from None
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -55,16 +60,22 @@ def _flag(name: str, value: Any) -> bool:
 
 
 def _value(name: str, value: Any) -> Any:
-    if name in COUNTS:
-        return _count(name, value)
-    if name == "budget":
+    """``value`` read as the setting ``name`` declares (``CacheConfig``'s fields)."""
+    if name == "max_kv_size":
+        return _count(name, value, nullable=True)
+    if name not in SETTINGS:
+        raise InputError(f"unknown cache setting {name!r} (known: {', '.join(WORDS)}, "
+                         f"{', '.join(FIELDS)})")
+    spec = SETTINGS[name][0]
+    if spec.kind == "count":
+        return _count(name, value, spec.nullable)
+    if spec.kind == "size":
         return None if _off(value) else parse_bytes(value)
-    if name in ("rotate", "sketch"):
+    if spec.kind == "flag":
         return _flag(name, value)
-    if name in TEXT:
-        return str(value).strip().lower()
-    raise InputError(f"unknown cache setting {name!r} (known: bits, max_kv_size, "
-                     f"{', '.join(FIELDS)})")
+    if spec.kind == "fraction":
+        return _fraction(name, value)
+    return str(value).strip().lower()  # text, policy
 
 
 def apply(config: CacheConfig, words: Mapping[str, Any]) -> CacheConfig:

@@ -85,6 +85,16 @@ def test_commands_parse_and_change_the_config():
         cache_change(c, Command("bits", "four"))
     with pytest.raises(InputError, match="unknown policy 'nope' \\(known: window"):
         cache_change(c, Command("policy", "nope")).check()
+    # /kv reaches every cache setting, as its --kv-* flag does
+    r = cache_change(c, parse("/kv residual 64"))
+    assert r.residual == 64 and r.budget == c.budget
+    assert cache_change(c, parse("/kv policy snapkv:window=8")).policy == "snapkv:window=8"
+    with pytest.raises(InputError, match="sets one of: bits, max-kv-size, key-bits"):
+        parse("/kv")
+    with pytest.raises(InputError, match="/kv residual needs a value"):
+        cache_change(c, parse("/kv residual"))
+    with pytest.raises(InputError, match="unknown cache setting 'frob'"):
+        cache_change(c, parse("/kv frob 3"))
 
 
 def test_layer_bar_shares():

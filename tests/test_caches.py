@@ -361,3 +361,32 @@ def test_hand_routed_mlx_lm_model_saves_and_reloads_its_cache(tmp_path):
     want = model(step, cache=cache)
     got = model(step, cache=loaded)
     assert mx.array_equal(want, got)
+
+
+@pytest.mark.parametrize("config", [dict(key_bits=4, value_bits=4, group_size=32),
+                                    dict(window=40, sinks=4, key_bits=4, value_bits=4, group_size=32,
+                                         policy="snapkv"),
+                                    dict()])
+@pytest.mark.parametrize("kernels", ["reference", "metal"])
+def test_one_decode_decision_per_layer_per_step(config, kernels, monkeypatch, kernels_built_by,
+                                                simulator):
+    """A decode step decides once per layer (``fused.decide``: the fused kernel or
+    segments, and where the new token goes), in ``update_and_fetch``; ``attend`` consumes it."""
+    from mlxkv.cache import fused
+
+    monkeypatch.setenv("MLXKV_KERNELS", kernels)
+    if kernels == "metal" and not mx.metal.is_available():
+        kernels_built_by(simulator.metal_kernel)
+    model = tiny_model("llama")
+    cache = make_cache(model, CacheConfig(**config))
+    model(mx.array([list(range(1, 61))]), cache=cache)
+    decisions = []
+    real = fused.decide
+    monkeypatch.setattr(fused, "decide", lambda *a: decisions.append(a) or real(*a))
+    steps = 5
+    for t in range(steps):
+        mx.eval(model(mx.array([[7 + t]]), cache=cache))
+    compressed = sum(isinstance(c, CompressedCache) for c in cache)
+    assert len(decisions) == steps * compressed
+    if kernels == "metal" and compressed:  # the kernel takes the step and stores its token
+        assert all(d[2] is not None for d in decisions)

@@ -122,6 +122,12 @@ def test_avg_pool_and_allocator():
     (dict(policy="h2o", window=64, key_bits=4, key_mode="channel"), "keys must be grouped per token"),
     (dict(allocator="flat", budget="1MB"), "unknown allocator 'flat' \\(known: uniform, pyramid, adaptive"),
     (dict(allocator="adaptive", budget="1MB"), "adaptive allocator .* choose a scoring policy"),
+    (dict(policy="snapkv:windw=8", budget="1MB"),
+     "policy 'snapkv' has no parameter 'windw' \\(its parameters: window=16, kernel=3\\)"),
+    (dict(policy="h2o:window=8", budget="1MB"), "policy 'h2o' has no parameter 'window' .*none"),
+    (dict(policy="snapkv:window=x", budget="1MB"), "window takes a number, as in snapkv:window=16"),
+    (dict(policy="snapkv", budget="1MB", recent=-1), "recent must be >= 0"),
+    (dict(policy="snapkv", budget="1MB", allocator="adaptive", floor=1.5), "floor is a share"),
 ])
 def test_bad_policy_settings(changes, needle):
     with pytest.raises(InputError, match=needle):
@@ -223,3 +229,28 @@ def test_adaptive_allocator_with_a_batch_is_refused_up_front():
     cache = make_cache(model, config)  # made for one sequence, then fed two
     with pytest.raises(InputError, match="batch size 1, got 2"):
         model(mx.zeros((2, 3), mx.int32), cache=cache)
+
+
+def test_policy_parameters_and_kept_tokens_reach_the_caches():
+    """SnapKV's observation window and pooling, the recent tokens kept and AdaKV's floor
+    are settings like any other: a flag, a word, a saved config."""
+    from mlxkv import settings
+    from mlxkv.cache.adaptive import AdaptiveScoredCache
+
+    model = tiny_model("llama")
+    config = settings.apply(CacheConfig(), {"kv_budget": "200KB", "kv_bits": 8,
+                                            "kv_policy": "SnapKV:window=8, kernel=5",
+                                            "kv_recent": "12", "kv_allocator": "adaptive",
+                                            "kv_floor": "0.5"}).check()
+    cache = make_cache(model, config)
+    layer = cache[0]
+    assert isinstance(layer, AdaptiveScoredCache)
+    policy = layer.eviction.policy
+    assert (policy.name, policy.window, policy.kernel) == ("snapkv", 8, 5)
+    assert layer.eviction.recent == 12 and layer.eviction.slots.floor == 0.5
+    assert "policy snapkv:window=8, kernel=5" in config.describe()
+    assert "12 recent kept" in config.describe() and "floor 0.5" in config.describe()
+    assert CacheConfig(**config.to_dict()) == config  # what a saved cache records
+    default = make_cache(model, CacheConfig(budget="200KB", key_bits=8, value_bits=8,
+                                            policy="snapkv"))[0]
+    assert (default.eviction.policy.window, default.eviction.recent) == (16, 32)

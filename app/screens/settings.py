@@ -39,7 +39,7 @@ class SettingsScreen(ModalScreen[CacheConfig | None]):
             yield Label("Value bits")
             yield Select(BITS, value=c.value_bits or 0, allow_blank=False, id="value-bits")
             yield Label("Eviction policy")
-            yield Select([(p, p) for p in known_policies()], value=c.policy,
+            yield Select([(p, p) for p in known_policies()], value=c.policy_name,
                          allow_blank=False, id="policy")
             yield Label("", id="settings-error")
             with Horizontal(id="settings-buttons"):
@@ -54,7 +54,9 @@ class SettingsScreen(ModalScreen[CacheConfig | None]):
             raise InputError("give a budget or a window, not both")
         for name in ("key_bits", "value_bits"):
             words[name] = self.query_one(f"#{name.replace('_', '-')}", Select).value or "off"
-        words["policy"] = self.query_one("#policy", Select).value
+        chosen = self.query_one("#policy", Select).value
+        # the same policy keeps its parameters (set with /kv policy snapkv:window=32)
+        words["policy"] = self.config.policy if chosen == self.config.policy_name else chosen
         return settings.apply(self.config, words).check()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:

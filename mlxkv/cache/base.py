@@ -22,26 +22,13 @@ The cache classes users make (``QuantizedCache``, ``WindowCache``, ``ScoredCache
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx.utils import tree_unflatten
 
-from ..stats import LayerStats, dtype_name
-from .codec import FLOAT
+from ..stats import LayerStats
 from .eviction import Eviction
-from . import fused
+from . import fused, measure
 from .layout import Layout
 from .rotation import hadamard_signs, rotate
-from .segments import Segment, attend_segments, dense, visibility
-
-
-def _decoded(seg: Segment, after: mx.array) -> Segment:
-    """``seg`` with its storage decoded to full precision, once ``after`` is computed
-    (keys stay coded when their scores are more than their decode's, e.g. a sketch)."""
-    ks = tuple(mx.depends(list(seg.keys), [after]))
-    vs = tuple(mx.depends(list(seg.values), [after]))
-    seg = seg._replace(value_codec=FLOAT, values=(seg.value_codec.decode(vs),))
-    if seg.key_codec.decodes_exactly:
-        seg = seg._replace(key_codec=FLOAT, keys=(seg.key_codec.decode(ks),))
-    return seg
+from .segments import Segment, attend_segments, dense, held, visibility
 
 
 class CompressedCache:
@@ -59,6 +46,7 @@ class CompressedCache:
         self.rotate, self.seed = rotate, seed
         self.offset = 0       # tokens seen
         self._pending = None  # (keys, values, first position) of a chunk awaiting attention
+        self._step = None     # the decode step's ``fused.DecodeStep``, made once per step
         self._signs = None
 
     # ----- protocol -----------------------------------------------------------------
@@ -107,45 +95,16 @@ class CompressedCache:
         return self.layout.nbytes + self.eviction.nbytes
 
     def layer_stats(self) -> LayerStats:
-        lay = self.layout
-        held_full = lay.n_sinks + lay.res_len
-        ring_bits = lay.kc.bits or lay.vc.bits
-        ring = self.eviction.tokens_per_head(lay)
-        kept = held_full + ring + lay.mid_len
-        if lay.empty:
-            return LayerStats(seen=self.offset, kept_full=0, kept_quantized={},
-                              evicted=self.offset, nbytes=0, fp16_nbytes=0, used_nbytes=0,
-                              dense_nbytes=0)
-        B, H, _, Dk = lay.sink_keys.shape
-        head = B * H * (Dk + lay.sink_values.shape[3])
-        dtype = lay.sink_keys.dtype
-        # the ring's arrays (and per-slot metadata) in use, in proportion to its filled slots
-        ring_bytes = self.nbytes - lay.full_nbytes - lay.middle_nbytes
-        ring_used = (ring_bytes * lay.ring_len // max(lay.alloc, 1)
-                     + lay.middle_nbytes * lay.mid_len // max(lay.middle_capacity, 1))
-        quantized = {}
-        for bits, n in ((ring_bits, ring), (lay.middle_bits, lay.mid_len)):
-            if bits and n:
-                quantized[bits] = quantized.get(bits, 0) + n
-        return LayerStats(
-            seen=self.offset,
-            kept_full=held_full + (0 if ring_bits else ring),
-            kept_quantized=quantized,
-            evicted=self.offset - kept,
-            nbytes=self.nbytes,
-            fp16_nbytes=2 * head * kept,
-            used_nbytes=head * dtype.size * held_full + ring_used,
-            dense_nbytes=head * dtype.size * kept,
-            dtype=dtype_name(dtype),
-        )
+        return measure.layer_stats(self)
 
     # ----- writing ----------------------------------------------------------------
     def _rot(self, x):
         return rotate(x, self._signs)
 
     def update_and_fetch(self, keys, values):
-        """Take L new tokens. One token is stored at once, unless the fused Metal kernel
-        will store it in its attention's launch (``fused.decode``, from ``attend``); a
+        """Take L new tokens. One token (a decode step) gets the step's decision
+        (``fused.decide``: the fused kernel or segments, and whether the kernel stores the
+        token in its attention's launch); it is stored at once unless the kernel will. A
         longer chunk is stored after its attention (``attend``), so its queries can still
         see what it will evict."""
         self._commit()
@@ -158,9 +117,11 @@ class CompressedCache:
             keys = self._rot(keys)
         self._pending = (keys, values, self.offset)
         self.offset += keys.shape[2]
-        if keys.shape[2] == 1 and not (fused.takes(self.layout, self.eviction)
-                                       and self._straight_to_ring()):
-            self._commit()
+        if keys.shape[2] == 1:
+            step = self._decide()
+            if step.new is None:
+                self._commit()
+            self._step = step
         return keys, values
 
     def _commit(self):
@@ -168,7 +129,7 @@ class CompressedCache:
         if self._pending is None:
             return
         k, v, p0 = self._pending
-        self._pending = None
+        self._pending = self._step = None  # a step's decision about it is void once stored
         lay = self.layout
         n_sink = max(0, min(k.shape[2], lay.sinks - p0))
         if n_sink:
@@ -190,43 +151,16 @@ class CompressedCache:
 
     # ----- attention --------------------------------------------------------------
     def segments(self, dense_after: mx.array | None = None) -> list[Segment]:
-        """The held tokens as segments: sinks, ring, middle, residual, and a pending chunk.
-
-        With ``dense_after`` the ring and middle come dequantized (for a chunk of queries),
-        computed only once that array is: so each layer's transient copy exists while that
-        layer runs, not all layers' copies at once when a whole forward pass is evaluated."""
-        lay = self.layout
-        segs = []
-        if lay.n_sinks:
-            n = lay.n_sinks
-            segs.append(Segment(FLOAT, (lay.sink_keys[..., :n, :],), FLOAT,
-                                (lay.sink_values[..., :n, :],), n, mx.arange(n)))
-        ring = self.eviction.ring_segment(lay)
-        if lay.mid_len:
-            mk, mv = lay.middle_slots()
-            middle = Segment(lay.mkc, mk, lay.mvc, mv, lay.mid_len,
-                             lay.sinks + lay.flushed + mx.arange(lay.mid_len))
-        else:
-            middle = None
-        for seg in (ring, middle):
-            if seg is not None:
-                segs.append(seg if dense_after is None else _decoded(seg, dense_after))
-        if lay.res_len:
-            rk, rv = lay.held_residual()
-            first = lay.sinks + lay.flushed + lay.mid_len
-            segs.append(Segment(FLOAT, (rk,), FLOAT, (rv,), lay.res_len,
-                                first + mx.arange(lay.res_len)))
-        if self._pending is not None:
-            k, v, p0 = self._pending
-            segs.append(Segment(FLOAT, (k,), FLOAT, (v,), k.shape[2], p0 + mx.arange(k.shape[2])))
-        return segs
+        """The held tokens as segments (``segments.held``)."""
+        return held(self.layout, self.eviction, self._pending, dense_after)
 
     def attend(self, queries: mx.array, *, scale: float, mask=None) -> mx.array:
         """Attention of ``queries`` (B, n_heads, L, D) over this cache -> (B, n_heads, L, Dv).
 
         ``mask`` from the model is not needed: the cache knows every token's position.
-        One query (decode) runs the fused Metal kernel where ``fused.decode`` takes it,
-        else is scored straight from the packed storage. A chunk of queries (prefill)
+        One query (decode) runs the fused Metal kernel where the step's decision says so
+        (``fused.decide``, made in ``update_and_fetch``), else is scored straight from the
+        packed storage. A chunk of queries (prefill)
         dequantizes the ring once for this layer (a transient array, freed after the
         layer) and is processed in blocks of queries, so its score matrix stays under
         ``block_elements`` whatever the prompt length.
@@ -236,8 +170,11 @@ class CompressedCache:
         rep = Hq // H
         q = self._rot(queries) if self.rotate else queries
         if L == 1:
-            done = self._decode_fused(q, scale)
+            step, self._step = self._step or self._decide(), None
+            done = fused.decode(self.layout, self.eviction, q, scale, step) if step.fused else None
             if done is not None:
+                if step.new is not None:
+                    self._pending = None  # stored by the kernel's launch
                 out, mass = done
                 if mass is not None:
                     self._observe_mass(mass)
@@ -270,27 +207,18 @@ class CompressedCache:
             mx.eval(out, statistics)
         return out.reshape(B, Hq, L, -1)
 
-    def _straight_to_ring(self):
-        """The pending token's (keys, values) when storing it would put it straight into
-        the ring (past the sinks, no residual or middle, the ring started), else None."""
-        k, v, p0 = self._pending
-        lay = self.layout
-        if k.shape[2] == 1 and p0 >= lay.sinks and self.offset >= self.start and lay.straight_to_ring():
-            return k, v
-        return None
-
-    def _decode_fused(self, q, scale):
-        """A decode step on the fused Metal kernel (``fused.decode``), the pending token
-        stored on the way: (output, mass) or None (then the token is still pending)."""
-        if not fused.takes(self.layout, self.eviction):
-            return None
-        new = None if self._pending is None else self._straight_to_ring()
-        if new is None:
-            self._commit()
-        done = fused.decode(self.layout, self.eviction, q, scale, new)
-        if done is not None and new is not None:
-            self._pending = None
-        return done
+    def _decide(self) -> "fused.DecodeStep":
+        """The decode step's decision, for the pending token (if any): it goes straight into
+        the ring when storing it would put it there (past the sinks, no residual or middle,
+        the ring started)."""
+        straight = None
+        if self._pending is not None:
+            k, v, p0 = self._pending
+            lay = self.layout
+            if (k.shape[2] == 1 and p0 >= lay.sinks and self.offset >= self.start
+                    and lay.straight_to_ring()):
+                straight = (k, v)
+        return fused.decide(self.layout, self.eviction, straight)
 
     # ----- learning from attention --------------------------------------------------
     def _observer(self, queries: tuple[int, int, int]):
@@ -332,11 +260,6 @@ class CompressedCache:
         self.eviction.set_arrays(arrays)
         if self.rotate:
             self._signs = hadamard_signs(self.layout.sink_keys.shape[3], self.seed)
-
-    def v1_state(self, arrays: list) -> dict:
-        """Arrays as mlxkv 0.1 saved them (a list, by position) -> ``state`` by name."""
-        names = self.layout.v1_names() + self.eviction.v1_names()
-        return tree_unflatten(list(zip(names, arrays)))
 
     @property
     def meta_state(self):

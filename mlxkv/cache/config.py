@@ -7,20 +7,10 @@ from dataclasses import asdict, dataclass, fields
 
 from ..budget import format_bytes, parse_bytes
 from ..errors import InputError
-from ..policies import known_policies
-from .codebook import CODEBOOK_BITS
+from . import checks
+from .checks import ALLOCATORS, KEY_MODES
 from .codec import BITS, GROUP_SIZES, QUANTS, default_group
-
-KEY_MODES = ("token", "channel")
-MAX_OUTLIERS = 8  # values kept exactly per key vector
-HADAMARD_BASES = (1, 12, 20, 28)
-
-
-def _hadamard_size(n: int) -> bool:
-    """Whether ``mx.hadamard_transform`` takes vectors of ``n``: 2^k times 1, 12, 20, 28."""
-    while n % 2 == 0 and n not in HADAMARD_BASES:
-        n //= 2
-    return n in HADAMARD_BASES
+from .spec import declared, setting
 
 
 @dataclass(frozen=True)
@@ -56,27 +46,66 @@ class CacheConfig:
     - ``allocator``: how a budget is split: ``uniform``, ``pyramid`` (PyramidKV: lower
       layers get more, linearly from 1.5x to 0.5x of the mean) or ``adaptive`` (AdaKV:
       even over layers, and within a layer the kv heads share one pool of slots, filled
-      by the policy's scores across heads; needs a scoring policy and batch size 1).
+      by the policy's scores across heads; needs a scoring policy and batch size 1);
+    - ``recent``: the newest tokens a scoring policy never evicts; ``floor``: the share of
+      a head's slots the adaptive allocator always keeps for it.
+
+    Each field is a ``spec.setting``: how it is read from words and shown is declared
+    with it (``spec.py``).
     """
 
-    key_bits: int | None = None
-    value_bits: int | None = None
-    group_size: int | None = None
-    key_mode: str = "token"
-    residual: int = 0
-    rotate: bool = False
-    window: int | None = None
-    sinks: int = 4
-    start: int = 0
-    seed: int = 0
-    budget: int | None = None
-    policy: str = "window"
-    allocator: str = "uniform"
-    quant: str = "affine"
-    sketch: bool = False
-    outliers: int = 0
-    middle: int = 0
-    middle_bits: int = 4
+    key_bits: int | None = setting(None, kind="count", choices=BITS, nullable=True,
+                                   help="bits for keys (overrides --kv-bits)")
+    value_bits: int | None = setting(None, kind="count", choices=BITS, nullable=True,
+                                     help="bits for values (overrides --kv-bits)")
+    group_size: int | None = setting(
+        None, kind="count", choices=GROUP_SIZES, nullable=True,
+        help="quantization group size (default: 64, or the largest dividing the head dim)")
+    key_mode: str = setting("token", kind="text", choices=KEY_MODES,
+                            help="group keys per token or per channel (KIVI)")
+    residual: int = setting(0, kind="count", help="most recent tokens kept at full precision")
+    rotate: bool = setting(False, kind="flag",
+                           help="randomized Hadamard rotation of keys before quantizing")
+    window: int | None = setting(None, kind="count", nullable=True,
+                                 help="keep only sinks + this many recent tokens")
+    sinks: int = setting(4, kind="count", help="attention sinks kept with a window (default 4)")
+    start: int = setting(0, kind="count", help="tokens seen before quantizing starts")
+    seed: int = setting(0, kind="count", help="seed of the rotations (per layer: seed + layer)")
+    budget: int | None = setting(
+        None, kind="size", nullable=True, metavar="SIZE",
+        help="bytes the whole model's KV may take, e.g. 64MB or 48MiB ('off': none); the cache "
+             "keeps sinks + the most recent tokens that fit (quantized with --kv-bits); "
+             "`mlxkv chat` defaults to 64MB at 8 bits")
+    policy: str = setting(
+        "window", kind="policy", metavar="NAME[:KEY=VALUE,...]",
+        help="what a budget or window cache evicts (default: window, the sinks + the most "
+             "recent tokens); a scoring policy's parameters after a colon, e.g. "
+             "snapkv:window=32,kernel=7")
+    allocator: str = setting(
+        "uniform", kind="text", choices=ALLOCATORS,
+        help="how a budget is split: uniform (default), pyramid (more for lower layers) or "
+             "adaptive (kv heads of a layer share slots by score)")
+    quant: str = setting(
+        "affine", kind="text", choices=QUANTS,
+        help="how bits are spent: affine groups (default) or codebook (rotated vectors, "
+             "optimal codebook: near-lossless at 3 bits, 2-4 bits)")
+    sketch: bool = setting(False, kind="flag",
+                           help="codebook keys also keep a 1-bit sign sketch of their residual "
+                                "(unbiased scores, +1 bit per element)")
+    outliers: int = setting(0, kind="count", metavar="N",
+                            help="codebook keys keep their N largest values exactly (+3 bytes "
+                                 "each; 1 costs 0.375 bits per element at head dim 64)")
+    middle: int = setting(0, kind="count", metavar="TOKENS",
+                          help="bits by token age: the tokens before the residual kept at "
+                               "--kv-middle-bits, older ones at --kv-bits (e.g. --kv-quant "
+                               "codebook --kv-bits 2 --kv-middle 512)")
+    middle_bits: int = setting(4, kind="count", choices=BITS,
+                               help="bits of the middle tokens (default 4; more than --kv-bits)")
+    recent: int = setting(32, kind="count", describe=lambda v: f"{v} recent kept",
+                          help="newest tokens a scoring policy never evicts (default 32)")
+    floor: float = setting(0.2, kind="fraction", describe=lambda v: f"floor {v:g}",
+                           help="the adaptive allocator's share of a head's slots it always "
+                                "keeps (AdaKV's safeguard, default 0.2)")
 
     def __post_init__(self):
         if self.budget is not None:  # parsed once, here: a size such as "64MB" -> bytes
@@ -87,103 +116,20 @@ class CacheConfig:
         return self.key_bits is not None or self.value_bits is not None
 
     @property
+    def policy_name(self) -> str:
+        """The policy without its parameters (``snapkv`` of ``snapkv:window=32``)."""
+        return self.policy.partition(":")[0].strip()
+
+    @property
     def kind(self) -> str:
         if self.budget is not None:
             return "budget"
         return "window" if self.window is not None else "quantized" if self.quantized else "full"
 
     def check(self, head_dim: int | None = None) -> "CacheConfig":
-        problems = []
-        for name in ("key_bits", "value_bits"):
-            b = getattr(self, name)
-            if b is not None and b not in BITS:
-                problems.append(f"{name} must be one of {BITS} (got {b})")
-        if self.group_size is not None and self.group_size not in GROUP_SIZES:
-            problems.append(f"group_size must be one of {GROUP_SIZES} (got {self.group_size})")
-        elif head_dim is not None and self.quantized and self.quant != "codebook":
-            if self.group_size is None and default_group(head_dim) is None:
-                problems.append(f"no supported group size {GROUP_SIZES} divides the head dim "
-                                f"{head_dim}: this model's KV cannot be quantized (leave bits off)")
-            elif self.group_size is not None and head_dim % self.group_size:
-                problems.append(f"group_size {self.group_size} does not divide the head dim "
-                                f"{head_dim} (leave it unset to pick one that does)")
-        if self.quant not in QUANTS:
-            problems.append(f"quant must be one of {QUANTS} (got {self.quant!r})")
-        elif self.quant == "codebook":
-            for name in ("key_bits", "value_bits"):
-                b = getattr(self, name)
-                if b is not None and b not in CODEBOOK_BITS:
-                    problems.append(f"codebook {name} must be one of {CODEBOOK_BITS} (got {b})")
-            if self.key_mode != "token":
-                problems.append("codebook keys are coded per token (key_mode 'token')")
-            if head_dim is not None and self.quantized and not (
-                    _hadamard_size(head_dim) and head_dim % 32 == 0):
-                problems.append(f"the codebook needs a head dim of 2^k times 1, 12, 20 or 28 "
-                                f"that is a multiple of 32 (got {head_dim})")
-        if self.sketch and (self.quant != "codebook" or self.key_bits is None):
-            problems.append("sketch applies to codebook keys (quant 'codebook' with key_bits)")
-        if self.outliers and (self.quant != "codebook" or self.key_bits is None):
-            problems.append("outliers apply to codebook keys (quant 'codebook' with key_bits)")
-        elif not 0 <= self.outliers <= MAX_OUTLIERS:
-            problems.append(f"outliers must be 0 to {MAX_OUTLIERS} per key (got {self.outliers})")
-        elif self.outliers and head_dim is not None and head_dim > 256:
-            problems.append(f"outliers need a head dim of at most 256 (got {head_dim})")
-        if self.key_mode not in KEY_MODES:
-            problems.append(f"key_mode must be one of {KEY_MODES} (got {self.key_mode!r})")
-        if self.key_mode == "channel" and self.key_bits is None:
-            problems.append("key_mode 'channel' needs key_bits")
-        if self.residual < 0:
-            problems.append("residual must be >= 0")
-        if self.middle < 0:
-            problems.append("middle must be >= 0")
-        if self.middle and not self.quantized:
-            problems.append("middle only applies to a quantized cache (set key/value bits)")
-        elif self.middle:
-            allowed = CODEBOOK_BITS if self.quant == "codebook" else BITS
-            below = [b for b in (self.key_bits, self.value_bits) if b is not None]
-            if self.middle_bits not in allowed:
-                problems.append(f"middle_bits must be one of {allowed} (got {self.middle_bits})")
-            elif self.middle_bits <= max(below):
-                problems.append(f"middle_bits ({self.middle_bits}) must be more than the older "
-                                f"tokens' bits ({max(below)}): the middle holds newer tokens")
-        if self.residual and not self.quantized:
-            problems.append("residual only applies to a quantized cache (set key/value bits)")
-        if self.rotate and self.key_bits is None:
-            problems.append("rotate only applies to quantized keys (set key_bits)")
-        if self.rotate and head_dim is not None and not _hadamard_size(head_dim):
-            problems.append(f"rotate needs a head dim of 2^k times 1, 12, 20 or 28 (got {head_dim})")
-        if self.start < 0:
-            problems.append("start must be >= 0")
-        if self.window is not None:
-            if self.window < 1:
-                problems.append(f"window must be >= 1 (got {self.window})")
-            if self.sinks < 0:
-                problems.append("sinks must be >= 0")
-            if self.start:
-                problems.append("start applies to the growing quantized cache, not to a window")
-            if self.quantized and self.window <= self.residual + self.middle:
-                held = "the residual" + (" and middle" if self.middle else "")
-                problems.append(f"window ({self.window}) must be larger than {held} "
-                                f"({self.residual + self.middle})")
-        if self.policy not in known_policies():
-            problems.append(f"unknown policy {self.policy!r} (known: {', '.join(known_policies())})")
-        elif self.policy != "window":
-            if self.window is None and self.budget is None:
-                problems.append(f"policy {self.policy!r} evicts from a window or budget cache "
-                                "(set a budget or a window)")
-            if self.key_mode != "token":
-                problems.append(f"policy {self.policy!r} evicts single tokens: keys must be "
-                                "grouped per token (key_mode 'token')")
-        if self.allocator not in ALLOCATORS:
-            problems.append(f"unknown allocator {self.allocator!r} (known: {', '.join(ALLOCATORS)})")
-        elif self.allocator == "adaptive" and self.policy == "window":
-            problems.append("the adaptive allocator shares slots between heads by their scores: "
-                            "choose a scoring policy (e.g. policy 'snapkv')")
-        if self.budget is not None:
-            if self.window is not None:
-                problems.append("give a budget or a window, not both (the budget sets the window)")
-            if self.start:
-                problems.append("start applies to the growing quantized cache, not to a budget")
+        """This config, if its settings fit together (and a model's ``head_dim``, given);
+        else an ``InputError`` naming every problem (``checks.py``)."""
+        problems = checks.problems(self, head_dim)
         if problems:
             raise InputError("invalid cache settings: " + "; ".join(problems))
         return self
@@ -232,8 +178,12 @@ class CacheConfig:
             parts.append(f"budget {format_bytes(self.budget)}")
             if self.allocator != "uniform":
                 parts.append(f"{self.allocator} allocation")
-        if self.policy != "window":
+        if self.policy_name != "window":
             parts.append(f"policy {self.policy}")
+        for name, (spec, default) in declared(CacheConfig).items():
+            value = getattr(self, name)
+            if spec.describe is not None and value != default:
+                parts.append(spec.describe(value))
         return ", ".join(parts)
 
     def layout_settings(self) -> dict:
@@ -242,9 +192,6 @@ class CacheConfig:
                     group_size=self.group_size, key_mode=self.key_mode, residual=self.residual,
                     quant=self.quant, sketch=self.sketch, outliers=self.outliers,
                     middle=self.middle, middle_bits=self.middle_bits)
-
-
-ALLOCATORS = ("uniform", "pyramid", "adaptive")
 
 
 def __getattr__(name: str):

@@ -2,10 +2,12 @@
 token blocks) reads the packed ring and the full-precision tokens, with no dequantized
 copy and no score matrix; quantizes the step's new token itself when it goes straight
 into the ring (no quantizer launch); and reduces the attention mass a scoring policy
-learns from (no launch of its own). ``decode`` is the one place that decides whether a
-cache takes it."""
+learns from (no launch of its own). ``decide`` is the one place that decides whether a
+decode step takes it, once per layer and step."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -35,23 +37,38 @@ def takes(layout: Layout, eviction: Eviction) -> bool:
             and not eviction.shared_slots and not layout.middle)
 
 
+class DecodeStep(NamedTuple):
+    """A decode step's decision, taken once per layer and step (``decide``) and consumed
+    by the cache's ``attend``."""
+
+    fused: bool          # try the fused kernel (else attention over segments)
+    new: tuple | None    # the step's (keys, values) the kernel stores into the ring, or None
+
+
+def decide(layout: Layout, eviction: Eviction, straight: tuple | None) -> DecodeStep:
+    """The one decision of a decode step: the fused kernel or segments, and whether the
+    step's token (``straight``: its (keys, values) when storing it puts it straight into
+    the ring, else None) is left for the kernel to quantize and store."""
+    fusable = takes(layout, eviction)
+    return DecodeStep(fusable, straight if fusable else None)
+
+
 def _joined(parts: list) -> mx.array:
     parts = [p for p in parts if p.shape[-1]]
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
-def decode(layout: Layout, eviction: Eviction, q: mx.array, scale: float, new=None):
-    """One decode query (B, Hq, 1, D) over the cache -> (output, mass), or None (nothing
-    changed) when the fused kernel does not take this cache or these shapes.
+def decode(layout: Layout, eviction: Eviction, q: mx.array, scale: float, step: DecodeStep):
+    """One decode query (B, Hq, 1, D) over the cache, on the path ``step`` chose ->
+    (output, mass), or None (nothing changed) when the kernel does not take these shapes.
 
-    ``new``: the step's (keys, values) (B, H, 1, D) when they go straight into the ring:
+    ``step.new``: the step's (keys, values) (B, H, 1, D) when they go straight into the ring:
     the eviction strategy places them (``Eviction.place``), the kernel quantizes them
     into that slot as it attends, and their codes are stored after it; without ``new``
     the tokens are stored already. ``mass`` (an eviction strategy learning from
     attention; else None) is each held token's attention mass (B, H, T) in segment order
     (sinks, ring, residual), the ring in its order after the store."""
-    if not takes(layout, eviction):
-        return None
+    new = step.new
     placement = None
     if new is not None:
         placement = eviction.place(layout, *new)

@@ -25,10 +25,12 @@ def layer_cache(config: CacheConfig, layer: LayerPlan):
     if layer.window is not None:
         args = dict(window=layer.window, sinks=config.sinks, **config.layout_settings(),
                     rotate=config.rotate, seed=config.seed + layer.index, budget=layer.budget)
-        if config.policy != "window" and config.allocator == "adaptive":
-            return AdaptiveScoredCache(policy=make_policy(config.policy), **args)
-        if config.policy != "window":
-            return ScoredCache(policy=make_policy(config.policy), **args)
+        policy = make_policy(config.policy)
+        if policy.name != "window" and config.allocator == "adaptive":
+            return AdaptiveScoredCache(policy=policy, recent=config.recent, floor=config.floor,
+                                       **args)
+        if policy.name != "window":
+            return ScoredCache(policy=policy, recent=config.recent, **args)
         return WindowCache(**args)
     if config.quantized:
         return QuantizedCache(**config.layout_settings(), rotate=config.rotate,

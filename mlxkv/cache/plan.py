@@ -100,7 +100,7 @@ def budget_window(shape: ModelShape, config: CacheConfig, per_layer: int) -> int
     if lay.middle:
         fixed += lay.middle_capacity * pair(lay.mkc, lay.mvc)  # its buffer
     ring_token = pair(lay.kc, lay.vc)
-    if config.policy != "window":
+    if config.policy_name != "window":
         ring_token += kv_heads * 8  # float32 score + int32 position per slot and head
         # float32 score of each token not yet in it
         fixed += (lay.held_back + unit + lay.middle_unit) * kv_heads * 4

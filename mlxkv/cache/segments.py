@@ -14,6 +14,8 @@ from typing import Callable, NamedTuple
 
 import mlx.core as mx
 
+from .codec import FLOAT
+
 
 class Segment(NamedTuple):
     key_codec: object
@@ -82,3 +84,48 @@ def dense(segs: list[Segment]) -> tuple[mx.array, mx.array]:
         order = mx.argsort(mx.concatenate([s.positions for s in segs]))
         k, v = mx.take(k, order, axis=2), mx.take(v, order, axis=2)
     return k, v
+
+
+def _decoded(seg: Segment, after: mx.array) -> Segment:
+    """``seg`` with its storage decoded to full precision, once ``after`` is computed
+    (keys stay coded when their scores are more than their decode's, e.g. a sketch)."""
+    ks = tuple(mx.depends(list(seg.keys), [after]))
+    vs = tuple(mx.depends(list(seg.values), [after]))
+    seg = seg._replace(value_codec=FLOAT, values=(seg.value_codec.decode(vs),))
+    if seg.key_codec.decodes_exactly:
+        seg = seg._replace(key_codec=FLOAT, keys=(seg.key_codec.decode(ks),))
+    return seg
+
+
+def held(lay, eviction, pending, dense_after: mx.array | None = None) -> list[Segment]:
+    """A cache's held tokens as segments: sinks, ring, middle, residual, and a pending chunk.
+
+    With ``dense_after`` the ring and middle come dequantized (for a chunk of queries),
+    computed only once that array is: so each layer's transient copy exists while that
+    layer runs, not all layers' copies at once when a whole forward pass is evaluated.
+    ``lay``: the cache's ``Layout``; ``pending``: a chunk awaiting attention, (keys,
+    values, first position), or None."""
+    segs = []
+    if lay.n_sinks:
+        n = lay.n_sinks
+        segs.append(Segment(FLOAT, (lay.sink_keys[..., :n, :],), FLOAT,
+                            (lay.sink_values[..., :n, :],), n, mx.arange(n)))
+    ring = eviction.ring_segment(lay)
+    if lay.mid_len:
+        mk, mv = lay.middle_slots()
+        middle = Segment(lay.mkc, mk, lay.mvc, mv, lay.mid_len,
+                         lay.sinks + lay.flushed + mx.arange(lay.mid_len))
+    else:
+        middle = None
+    for seg in (ring, middle):
+        if seg is not None:
+            segs.append(seg if dense_after is None else _decoded(seg, dense_after))
+    if lay.res_len:
+        rk, rv = lay.held_residual()
+        first = lay.sinks + lay.flushed + lay.mid_len
+        segs.append(Segment(FLOAT, (rk,), FLOAT, (rv,), lay.res_len,
+                            first + mx.arange(lay.res_len)))
+    if pending is not None:
+        k, v, p0 = pending
+        segs.append(Segment(FLOAT, (k,), FLOAT, (v,), k.shape[2], p0 + mx.arange(k.shape[2])))
+    return segs

@@ -6,16 +6,13 @@ from __future__ import annotations
 import argparse
 
 from ..budget import format_bytes
-from ..cache.codec import BITS, GROUP_SIZES, QUANTS
+from ..cache.codec import BITS
+from ..cache.config import CacheConfig
 from ..distributed import SINGLE
-from ..cache.config import ALLOCATORS, KEY_MODES, CacheConfig
-from ..policies import known_policies
+from ..settings import SETTINGS
 
 # --kv-* flag -> the word mlxkv.settings reads (a CacheConfig field, or bits/max_kv_size)
-CACHE_FLAGS = ("kv_bits", "kv_key_bits", "kv_value_bits", "kv_group_size", "kv_key_mode",
-               "kv_residual", "kv_rotate", "kv_window", "kv_sinks", "kv_start", "kv_budget",
-               "kv_policy", "kv_allocator", "kv_quant", "kv_sketch", "kv_outliers", "kv_middle", "kv_middle_bits",
-               "max_kv_size")
+CACHE_FLAGS = ("kv_bits", *(f"kv_{name}" for name in SETTINGS), "max_kv_size")
 
 # What `mlxkv chat` uses when no budget, window or bits are given: the conversation goes
 # on forever inside a fixed amount of memory.
@@ -37,48 +34,20 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_cache_flags(p: argparse.ArgumentParser) -> None:
+    """``--kv-<setting>`` for every cache setting, as its field declares it
+    (``mlxkv.cache.spec``), and the two words that are not one field."""
     g = p.add_argument_group("KV cache")
     g.add_argument("--kv-bits", type=int, choices=BITS, default=None, help="bits for keys and values")
-    g.add_argument("--kv-key-bits", type=int, choices=BITS, default=None,
-                   help="bits for keys (overrides --kv-bits)")
-    g.add_argument("--kv-value-bits", type=int, choices=BITS, default=None,
-                   help="bits for values (overrides --kv-bits)")
-    g.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, default=None,
-                   help="quantization group size (default: 64, or the largest dividing the head dim)")
-    g.add_argument("--kv-quant", choices=QUANTS, default=None,
-                   help="how bits are spent: affine groups (default) or codebook (rotated "
-                        "vectors, optimal codebook: near-lossless at 3 bits, 2-4 bits)")
-    g.add_argument("--kv-sketch", action="store_true", default=None,
-                   help="codebook keys also keep a 1-bit sign sketch of their residual "
-                        "(unbiased scores, +1 bit per element)")
-    g.add_argument("--kv-outliers", type=int, default=None, metavar="N",
-                   help="codebook keys keep their N largest values exactly (+3 bytes each; "
-                        "1 costs 0.375 bits per element at head dim 64)")
-    g.add_argument("--kv-key-mode", choices=KEY_MODES, default=None,
-                   help="group keys per token or per channel (KIVI)")
-    g.add_argument("--kv-residual", type=int, default=None,
-                   help="most recent tokens kept at full precision")
-    g.add_argument("--kv-middle", type=int, default=None, metavar="TOKENS",
-                   help="bits by token age: the tokens before the residual kept at "
-                        "--kv-middle-bits, older ones at --kv-bits (e.g. --kv-quant codebook "
-                        "--kv-bits 2 --kv-middle 512)")
-    g.add_argument("--kv-middle-bits", type=int, choices=BITS, default=None,
-                   help="bits of the middle tokens (default 4; more than --kv-bits)")
-    g.add_argument("--kv-rotate", action="store_true", default=None,
-                   help="randomized Hadamard rotation of keys before quantizing")
-    g.add_argument("--kv-window", type=int, default=None, help="keep only sinks + this many recent tokens")
-    g.add_argument("--kv-sinks", type=int, default=None, help="attention sinks kept with a window (default 4)")
-    g.add_argument("--kv-start", type=int, default=None, help="tokens seen before quantizing starts")
-    g.add_argument("--kv-budget", default=None, metavar="SIZE",
-                   help="bytes the whole model's KV may take, e.g. 64MB or 48MiB ('off': none); "
-                        "the cache keeps sinks + the most recent tokens that fit (quantized "
-                        "with --kv-bits); `mlxkv chat` defaults to 64MB at 8 bits")
-    g.add_argument("--kv-policy", choices=known_policies(), default=None,
-                   help="what a budget or window cache evicts (default: window, the sinks + "
-                        "the most recent tokens)")
-    g.add_argument("--kv-allocator", choices=ALLOCATORS, default=None,
-                   help="how a budget is split: uniform (default), pyramid (more for lower "
-                        "layers) or adaptive (kv heads of a layer share slots by score)")
+    for name, (spec, _) in SETTINGS.items():
+        flag = "--kv-" + name.replace("_", "-")
+        if spec.kind == "flag":
+            g.add_argument(flag, action="store_true", default=None, help=spec.help)
+            continue
+        typed = {"count": int, "fraction": float}.get(spec.kind, str)
+        metavar = spec.metavar or (None if spec.choices else
+                                   {"count": "N", "fraction": "SHARE"}.get(spec.kind, "VALUE"))
+        g.add_argument(flag, type=typed, choices=spec.choices, default=None, metavar=metavar,
+                       help=spec.help)
     g.add_argument("--max-kv-size", type=int, default=None,
                    help="mlx-lm's name for a window: at most this many tokens, 4 of them sinks")
 

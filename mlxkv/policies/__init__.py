@@ -2,11 +2,15 @@
 the top ones. ``window`` (sinks + most recent) is the default.
 
 Every module of this package is imported here, and every ``Policy`` subclass with a
-``name`` registers itself: a new policy is one new file.
+``name`` registers itself: a new policy is one new file. Its constructor's keywords are
+its parameters, set as ``name:key=value,...`` (e.g. ``snapkv:window=32,kernel=7``).
 """
 
 import importlib
+import inspect
 import pkgutil
+
+from ..errors import InputError
 
 from .base import REGISTRY, Policy
 
@@ -27,9 +31,40 @@ def known_policies() -> tuple[str, ...]:
     return tuple(POLICIES)
 
 
-def make_policy(name: str) -> Policy:
-    return POLICIES[name]()
+def policy_params(name: str) -> dict:
+    """A policy's parameters and their defaults (its constructor's keywords)."""
+    return {p.name: p.default for p in inspect.signature(POLICIES[name]).parameters.values()
+            if p.default is not inspect.Parameter.empty}
+
+
+def parse_policy(text: str) -> tuple[str, dict]:
+    """``"snapkv"`` or ``"snapkv:window=32,kernel=7"`` -> (name, parameters); raises
+    ``InputError`` naming an unknown policy or parameter, or a value that is not a number."""
+    name, _, rest = text.partition(":")
+    name = name.strip().lower()
+    if name not in POLICIES:
+        raise InputError(f"unknown policy {name!r} (known: {', '.join(POLICIES)})")
+    known, params = policy_params(name), {}
+    for item in filter(None, (i.strip() for i in rest.split(","))):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if key not in known:
+            have = ", ".join(f"{k}={v}" for k, v in known.items()) or "none"
+            raise InputError(f"policy {name!r} has no parameter {key!r} (its parameters: {have})")
+        try:
+            params[key] = type(known[key])(value) if eq else None
+        except (TypeError, ValueError):
+            params[key] = None
+        if params[key] is None:
+            raise InputError(f"policy {name!r}: {key} takes a number, as in {name}:{key}="
+                             f"{known[key]} (got {item!r})")
+    return name, params
+
+
+def make_policy(text: str) -> Policy:
+    """The policy ``text`` names, with its parameters (``parse_policy``)."""
+    name, params = parse_policy(text)
+    return POLICIES[name](**params)
 
 
 __all__ = ["POLICIES", "H2OPolicy", "KnormPolicy", "Policy", "SnapKVPolicy", "TOVAPolicy",
-           "WindowPolicy", "known_policies", "make_policy"]
+           "WindowPolicy", "known_policies", "make_policy", "parse_policy", "policy_params"]
