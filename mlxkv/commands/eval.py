@@ -49,7 +49,7 @@ def run(args) -> int:
         for name, config in configs_from_toml(args.config_file).items():
             factories[name] = lambda config=config: make_cache(model, config)
     if not factories:
-        factories = known
+        factories = dict(known)  # a copy: the reference is taken out of it below, not of known
     factories.pop(REFERENCE, None)
     tokens = list(tokenizer.encode(text))[: args.tokens]
     print(f"mlxkv eval: {resolved.alias or resolved.path}, {len(tokens)} tokens of {args.text}, "
