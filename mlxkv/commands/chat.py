@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 
 from ..budget import format_bytes
+from ..cache.plan import plan
+from ..cache.shape import shape_of
 from ..errors import InputError
 from ..distributed import SINGLE
 from .common import (add_cache_flags, add_model_flags, add_sampling_flags, chat_defaults,
@@ -45,7 +47,7 @@ def run_plain(args) -> int:
         raise InputError("--resume needs the full-screen app (a terminal, without --plain)")
     group = getattr(args, "group", SINGLE)
     session, resolved = session_for_args(args, quiet=False)
-    print(f"mlxkv chat: {resolved.alias or resolved.path}, cache {session.cache_config.describe()}. "
+    print(f"mlxkv chat: {resolved.alias or resolved.path}, cache {plan(session.cache_config, shape_of(session.model)).describe()}. "
           "Type /clear to start over, /exit or Ctrl-D to quit.", flush=True)
     while True:
         line = None

@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..cache.make import make_cache
+    from ..cache.plan import plan
+    from ..cache.shape import shape_of
     from ..generation import prompt_tokens, stream_generate
 
     group = getattr(args, "group", SINGLE)
@@ -55,7 +57,7 @@ def run(args) -> int:
     if args.verbose and last is not None:
         st = last.cache
         print(f"model: {resolved.alias or resolved.path} ({resolved.source})", file=sys.stderr)
-        print(f"cache: {config.describe()}", file=sys.stderr)
+        print(f"cache: {plan(config, shape_of(model)).describe()}", file=sys.stderr)
         print(f"prompt: {last.prompt_tokens} tokens, {last.prefill_tps:.1f} tokens/s", file=sys.stderr)
         print(f"generation: {last.generated_tokens} tokens, {last.decode_tps:.1f} tokens/s "
               f"(finish: {last.finish_reason})", file=sys.stderr)

@@ -253,7 +253,7 @@ class SessionStore:
             rows = [{"id": e.id, "where": "memory" if e.session is not None else "disk",
                      "tokens_seen": e.stats.seen, "tokens_kept": e.stats.kept,
                      "tokens_evicted": e.stats.evicted, "bytes": e.nbytes,
-                     "disk_bytes": e.disk_bytes, "cache": e.config.describe(),
+                     "disk_bytes": e.disk_bytes, "cache": plan(e.config, self.shape).describe(),
                      "ranks": [{"rank": r.rank, "bytes": r.nbytes if e.session is not None else 0}
                                for r in e.stats.ranks]}
                     for e in sorted(entries, key=lambda e: -e.last_used)]
@@ -267,7 +267,7 @@ class SessionStore:
                 "disk_bytes": sum(r["disk_bytes"] for r in rows),
                 "disk_limit_bytes": self.disk_total, "saved_to_disk": self.spilled,
                 "restored_from_disk": self.restored, "removed_from_disk": self.forgotten,
-                "default_cache": self.config.describe(), "sessions": rows}
+                "default_cache": plan(self.config, self.shape).describe(), "sessions": rows}
 
     def close(self) -> None:
         """Remove the saved sessions (the whole directory when it is a temporary one)."""
