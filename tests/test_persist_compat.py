@@ -1,5 +1,5 @@
 """Caches saved by mlxkv 0.1 and 0.2 (``tests/data/cache-v1``, ``cache-v2``, written by
-that version's code with ``make.py`` there) load with today's code and continue exactly as
+that version's code with ``tests/data/make_saved_caches.py``) load with today's code and continue exactly as
 that version continued them."""
 
 import gzip

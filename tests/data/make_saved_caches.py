@@ -1,13 +1,15 @@
-"""Writes the saved caches in this folder. Run once, with mlxkv 0.2 (commit d44bdff, the
-last one before the cache spec/plan redesign), on the default model:
+"""Writes the saved caches of ``tests/data/cache-v<N>``. Run once per file format, with the
+mlxkv of that format, on the default model:
 
-    python tests/data/cache-v2/make.py tests/data/cache-v2 && gzip -9 -n tests/data/cache-v2/*.safetensors
+    python tests/data/make_saved_caches.py 1 tests/data/cache-v1   # mlxkv 0.1 (commit 30baf38)
+    python tests/data/make_saved_caches.py 2 tests/data/cache-v2   # mlxkv 0.2 (commit d44bdff)
+    gzip -9 -n tests/data/cache-v<N>/*.safetensors
 
-Each ``<name>.safetensors.gz`` is a cache in the 0.2 file format ("mlxkv-cache-2": every
-layer's arrays by name) after a short chat prompt; ``expected.json`` holds, per file,
-the token ids fed next and the greedy tokens 0.2 generated from them. The test
-(``tests/test_persist_compat.py``) loads each file with today's code and asserts the same
-tokens come out."""
+Each ``<name>.safetensors.gz`` is a cache in that version's file format (1: every layer's
+arrays by position; 2: by name) after a short chat prompt; ``expected.json`` holds, per
+file, the token ids fed next and the greedy tokens that version generated from them. The
+test (``tests/test_persist_compat.py``) loads each file with today's code and asserts the
+same tokens come out."""
 
 import json
 import sys
@@ -26,6 +28,8 @@ CONFIGS = {
                                  policy="snapkv"),
     "budget-h2o-adaptive": CacheConfig(budget="360KB", key_bits=4, value_bits=4, group_size=32,
                                        policy="h2o", allocator="adaptive"),
+}
+SINCE_0_2 = lambda: {  # noqa: E731  (settings 0.1 did not have)
     "codebook-3bit-outlier": CacheConfig(key_bits=3, value_bits=3, quant="codebook", outliers=1),
     "codebook-2bit-middle": CacheConfig(key_bits=2, value_bits=2, quant="codebook", middle=32,
                                         middle_bits=3),
@@ -34,7 +38,8 @@ CONFIGS = {
 }
 
 
-def main(out: Path):
+def main(version: int, out: Path):
+    configs = {**CONFIGS, **(SINCE_0_2() if version >= 2 else {})}
     model, tok = mlxkv.load()
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "Name three rivers of Europe and say where each one "
@@ -42,7 +47,7 @@ def main(out: Path):
         add_generation_prompt=True)
     follow = tok.encode(" The first", add_special_tokens=False)
     expected = {}
-    for name, config in CONFIGS.items():
+    for name, config in configs.items():
         cache = mlxkv.make_cache(model, config)
         prefill(model, prompt, cache, prefill_step=32)
         save_cache(out / f"{name}.safetensors", cache, model=model, config=config,
@@ -55,4 +60,4 @@ def main(out: Path):
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(int(sys.argv[1]), Path(sys.argv[2]))
