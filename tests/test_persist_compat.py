@@ -1,6 +1,6 @@
-"""Caches saved by mlxkv 0.1 and 0.2 (``tests/data/cache-v1``, ``cache-v2``, written by
-that version's code with ``tests/data/make_saved_caches.py``) load with today's code and continue exactly as
-that version continued them."""
+"""Caches saved by mlxkv 0.1 and 0.2 (``tests/data/cache-v1``, ``cache-v2``, each written
+by that version's code with ``tests/data/make_saved_caches.py``) load with today's code
+and continue exactly as that version continued them."""
 
 import gzip
 import json

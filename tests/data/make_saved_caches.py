@@ -29,17 +29,22 @@ CONFIGS = {
     "budget-h2o-adaptive": CacheConfig(budget="360KB", key_bits=4, value_bits=4, group_size=32,
                                        policy="h2o", allocator="adaptive"),
 }
-SINCE_0_2 = lambda: {  # noqa: E731  (settings 0.1 did not have)
-    "codebook-3bit-outlier": CacheConfig(key_bits=3, value_bits=3, quant="codebook", outliers=1),
-    "codebook-2bit-middle": CacheConfig(key_bits=2, value_bits=2, quant="codebook", middle=32,
-                                        middle_bits=3),
-    "budget-tova": CacheConfig(budget="360KB", key_bits=4, value_bits=4, group_size=32,
-                               policy="tova"),
-}
+
+
+def since_0_2() -> dict:
+    """Configs of settings 0.1 did not have (made only when asked: 0.1 cannot build them)."""
+    return {
+        "codebook-3bit-outlier": CacheConfig(key_bits=3, value_bits=3, quant="codebook",
+                                             outliers=1),
+        "codebook-2bit-middle": CacheConfig(key_bits=2, value_bits=2, quant="codebook",
+                                            middle=32, middle_bits=3),
+        "budget-tova": CacheConfig(budget="360KB", key_bits=4, value_bits=4, group_size=32,
+                                   policy="tova"),
+    }
 
 
 def main(version: int, out: Path):
-    configs = {**CONFIGS, **(SINCE_0_2() if version >= 2 else {})}
+    configs = {**CONFIGS, **(since_0_2() if version >= 2 else {})}
     model, tok = mlxkv.load()
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "Name three rivers of Europe and say where each one "
