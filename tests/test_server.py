@@ -3,6 +3,7 @@
 clients inside ``--kv-total``, a session restored from disk gives the same tokens) on the
 real model."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,9 @@ import pytest
 import mlxkv
 from helpers import write_tiny_gguf
 from mlxkv.cache.config import CacheConfig
+from mlxkv.errors import InputError
 from mlxkv.server import Service
+from mlxkv.server.sessions import SessionStore
 
 openai = pytest.importorskip("openai")  # in the test extra: always there in CI
 
@@ -197,7 +200,6 @@ def test_a_client_that_disconnects_cancels_its_generation(tiny, tmp_path):
 
 def test_reserve_bounds_what_a_cache_takes(tiny, tmp_path):
     from mlxkv.chat import ChatSession
-    from mlxkv.server.sessions import SessionStore
 
     model, tok = tiny
     store = SessionStore(model, tok, config=CacheConfig(), total=10**9, directory=tmp_path,
@@ -325,7 +327,134 @@ def test_saved_sessions_over_the_disk_limit_are_forgotten_oldest_first(tiny, tmp
         assert view["removed_from_disk"] >= 1 and view["disk_bytes"] <= 150_000
         ids = [row["id"] for row in view["sessions"]]
         assert "cat" not in ids and "pig" in ids
-        assert len(os.listdir(tmp_path / "kv")) == 2 * view["sessions_on_disk"]
+        files = [f for f in os.listdir(tmp_path / "kv") if f != "index.json"]
+        assert len(files) == 2 * view["sessions_on_disk"]
         again = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a cat"}],
                                           max_tokens=3, temperature=0, extra_body={"session_id": "cat"})
         assert again.usage.prompt_tokens_details.cached_tokens == 0  # read again from the start
+
+
+# ----- --kv-dir: conversations across restarts, on the tiny model ---------------------------
+def turn(c, messages, sid=None):
+    """A greedy chat turn (in the session ``sid`` when given)."""
+    extra = {"extra_body": {"session_id": sid}} if sid else {}
+    return c.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                     **extra)
+
+
+def then(messages, reply, text="and then?"):
+    return messages + [{"role": "assistant", "content": reply.choices[0].message.content},
+                       {"role": "user", "content": text}]
+
+
+def stem(sid):
+    return hashlib.sha256(sid.encode()).hexdigest()[:32]
+
+
+def flip(path):
+    """Flip one byte in the middle of ``path`` (the arrays, for a cache file)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+CHATS = {"cat": [{"role": "user", "content": "the cat sat on the mat"}],
+         None: [{"role": "user", "content": "a dog ran in the park"}]}  # found by its prefix
+
+
+def test_kv_dir_conversations_continue_after_a_restart(tiny, tmp_path):
+    """Conversations in memory when a server stops are saved in --kv-dir; a new server on
+    it continues them from their saved caches (not read through the model again) with the
+    greedy tokens of one process that kept them."""
+    with serve(tiny, tmp_path / "one") as one:  # the reference: both turns in one process
+        c = client(one)
+        histories = {sid: then(chat, turn(c, chat, sid)) for sid, chat in CHATS.items()}
+        kept = {sid: turn(c, history, sid) for sid, history in histories.items()}
+    with serve(tiny, tmp_path) as first:
+        c = client(first)
+        for sid, chat in CHATS.items():
+            assert then(chat, turn(c, chat, sid)) == histories[sid]
+    index = json.loads((tmp_path / "kv" / "index.json").read_text())
+    assert index["model"] == mlxkv.shape_of(tiny[0]).identity and len(index["sessions"]) == 2
+    row = next(r for r in index["sessions"] if r["id"] == "cat")
+    assert set(row["files"]) == {f"{stem('cat')}.json", f"{stem('cat')}.kv.safetensors"}
+    assert row["tokens"] > 5 and row["cache_config"] == CacheConfig().to_dict()
+    with serve(tiny, tmp_path) as again:
+        assert kv(again)["sessions_on_disk"] == kv(again)["resumed_at_start"] == 2
+        c = client(again)
+        for sid, history in histories.items():
+            back = turn(c, history, sid)
+            assert back.choices[0].message.content == kept[sid].choices[0].message.content
+            cached = back.usage.prompt_tokens_details.cached_tokens
+            assert cached == kept[sid].usage.prompt_tokens_details.cached_tokens > 5
+        view = kv(again)
+        assert view["restored_from_disk"] == 2 and view["rebuilt_from_history"] == 0
+        assert len(view["sessions"]) == 2  # the unnamed one was found by its tokens
+
+
+def test_a_damaged_saved_file_is_read_again_never_served(tiny, tmp_path, capsys):
+    """A flipped byte fails a file's checksum and the file is never loaded: a damaged cache
+    is read again from the saved messages; with damaged messages the (whole) cache serves
+    alone; with both damaged the conversation starts again from the request. Each is a
+    log line, and the request succeeds. Leftovers of an interrupted save are removed."""
+    sids = ("cat", "dog", "cow")
+    with serve(tiny, tmp_path) as s:
+        c = client(s)
+        histories = {sid: then(HELLO, turn(c, HELLO, sid)) for sid in sids}
+    kvdir = tmp_path / "kv"
+    flip(kvdir / f"{stem('cat')}.kv.safetensors")
+    flip(kvdir / f"{stem('dog')}.json")
+    flip(kvdir / f"{stem('cow')}.json")
+    (kvdir / f"{stem('cow')}.kv.safetensors").unlink()
+    leftover = kvdir / f".{stem('pig')}.kv.safetensors.x1y2.safetensors"
+    leftover.write_bytes(b"half a file")
+    (kvdir / "notes.txt").write_text("not ours")
+    with serve(tiny, tmp_path) as s:
+        c = client(s)
+        replies = {sid: turn(c, history, sid) for sid, history in histories.items()}
+        assert all(r.choices[0].message.content is not None for r in replies.values())
+        cached = {sid: r.usage.prompt_tokens_details.cached_tokens for sid, r in replies.items()}
+        assert cached["cat"] > 0 and cached["dog"] > 0 and cached["cow"] == 0
+        view = kv(s)
+        assert view["rebuilt_from_history"] == 2 and view["restored_from_disk"] == 1
+    err = capsys.readouterr().err
+    assert (f"session cat: its cache is read again from its saved messages "
+            f"({stem('cat')}.kv.safetensors fails its checksum)") in err
+    assert "session dog: its saved messages are lost: its saved cache serves alone" in err
+    assert "session cow: its saved files are lost" in err and "kv.safetensors is missing" in err
+    assert "removed 1 file(s)" in err
+    assert not leftover.exists() and (kvdir / "notes.txt").exists()
+
+
+def test_kv_dir_errors(tiny, tmp_path, capsys):
+    """A --kv-dir of another model is refused naming both; an index that cannot be read is
+    logged and its conversations ignored; a --kv-dir that cannot be written is one line."""
+    model, tok = tiny
+    d = tmp_path / "kv"
+
+    def store(directory=d):
+        return SessionStore(model, tok, config=CacheConfig(), total=10**8, directory=directory)
+
+    store().close()
+    index = json.loads((d / "index.json").read_text())
+    ours = index["model"]["name"]
+    index["model"] = {**index["model"], "name": "other-model", "layers": 30}
+    (d / "index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match=f"model 'other-model' .*served here, '{ours}'"):
+        store()
+    (d / "index.json").write_text('{"format": "mlxkv-serve-ind')  # cut short
+    s = store()
+    assert not s.entries and (d / "index.json.damaged").exists()
+    s.close()
+    assert "its index cannot be read" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is not a directory"):
+        store(tmp_path / "file")
+    with pytest.raises(InputError, match="is not a writable directory"):
+        store(tmp_path / "file" / "kv")
+    # the command says so in one line before it loads a model
+    r = subprocess.run([sys.executable, "-m", "mlxkv.cli", "serve", "--port", "0",
+                        "--kv-dir", str(tmp_path / "file" / "kv")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--kv-dir" in r.stderr and "not a writable directory" in r.stderr

@@ -24,8 +24,10 @@ def add_parser(sub) -> None:
                    help="the most KV cache all conversations may hold in memory together; "
                         "beyond it the least recently used are saved to disk")
     s.add_argument("--kv-dir", default=None, metavar="DIR",
-                   help="where conversations saved to disk go (default: a temporary "
-                        "directory; their files are removed when the server stops)")
+                   help="keep conversations across restarts: those saved to disk (and, when "
+                        "the server stops, those in memory) go to DIR with an index, and the "
+                        "next 'mlxkv serve --kv-dir DIR' of the same model continues them "
+                        "(default: a temporary directory, removed when the server stops)")
     s.add_argument("--kv-disk", default="10GB", metavar="SIZE",
                    help="the most disk the saved conversations may take; beyond it the least "
                         "recently used are removed (their next request reads the history again)")
@@ -38,6 +40,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..server import LOOPBACK, Service
+    from ..server.disk import check_dir
 
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be 0-65535 (got {args.port})")
@@ -46,6 +49,8 @@ def run(args) -> int:
                          "(no --system)")
     total, max_body = parse_bytes(args.kv_total), parse_bytes(args.max_body)
     disk_total = parse_bytes(args.kv_disk)
+    if args.kv_dir is not None:
+        check_dir(args.kv_dir)  # before the model loads (its index is read after)
     api_key = args.api_key or os.environ.get("MLXKV_API_KEY") or None
     sampling = sampling_from_args(args)
     model, tokenizer, resolved, config = load_for_args(args, defaults=chat_defaults(args))

@@ -6,8 +6,13 @@
 - ``worker.py``: the one thread that runs the model, serving queued requests in order;
 - ``http.py``: the Starlette app (endpoints, streaming, auth, limits).
 
+- ``disk.py``: the saved conversations' files, and ``--kv-dir``'s index that keeps them
+  across restarts.
+
 ``Service`` puts them together on a socket: ``run()`` serves until Ctrl-C, ``start()`` in
-a background thread (tests, benchmarks), ``close()`` stops and removes saved sessions.
+a background thread (tests, benchmarks), ``close()`` stops, then saves the conversations
+in memory to ``directory`` (``--kv-dir``) for the next start, or without one removes the
+saved conversations.
 """
 
 from __future__ import annotations
@@ -126,7 +131,7 @@ class Service:
                 self._thread.join(10)
             self.worker.stop()  # in a group it tells the others, which may be gone already
         finally:
-            self.store.close()
+            self.store.close(save=not self.worker.alive)
             self.sock.close()
 
     def __enter__(self) -> "Service":

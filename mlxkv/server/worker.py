@@ -46,6 +46,11 @@ class Worker:
     def waiting(self) -> int:
         return self.jobs.qsize()
 
+    @property
+    def alive(self) -> bool:
+        """Its thread still runs (``stop`` timed out): it may be using a session."""
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the job being served at its next token, cancel the queued ones, and end."""
         current = self.current
