@@ -327,7 +327,7 @@ def test_saved_sessions_over_the_disk_limit_are_forgotten_oldest_first(tiny, tmp
         assert view["removed_from_disk"] >= 1 and view["disk_bytes"] <= 150_000
         ids = [row["id"] for row in view["sessions"]]
         assert "cat" not in ids and "pig" in ids
-        files = [f for f in os.listdir(tmp_path / "kv") if f != "index.json"]
+        files = [f for f in os.listdir(tmp_path / "kv") if not f.startswith("index.")]
         assert len(files) == 2 * view["sessions_on_disk"]
         again = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a cat"}],
                                           max_tokens=3, temperature=0, extra_body={"session_id": "cat"})
@@ -427,15 +427,19 @@ def test_a_damaged_saved_file_is_read_again_never_served(tiny, tmp_path, capsys)
 
 
 def test_kv_dir_errors(tiny, tmp_path, capsys):
-    """A --kv-dir of another model is refused naming both; an index that cannot be read is
-    logged and its conversations ignored; a --kv-dir that cannot be written is one line."""
+    """A --kv-dir in use or of another model is refused (naming both models); an index that
+    cannot be read is logged and its conversations ignored; a --kv-dir that cannot be
+    written is one line."""
     model, tok = tiny
     d = tmp_path / "kv"
 
     def store(directory=d):
         return SessionStore(model, tok, config=CacheConfig(), total=10**8, directory=directory)
 
-    store().close()
+    first = store()
+    with pytest.raises(InputError, match="in use by another mlxkv serve"):
+        store()  # two servers never share one directory
+    first.close()
     index = json.loads((d / "index.json").read_text())
     ours = index["model"]["name"]
     index["model"] = {**index["model"], "name": "other-model", "layers": 30}

@@ -28,6 +28,7 @@ from ..persist import atomic_write
 
 INDEX = "index.json"
 INDEX_FORMAT = "mlxkv-serve-index-1"
+LOCK = "index.lock"  # held by the server using the directory
 # our files: <32 hex>.json, <32 hex>.kv[.rankR-of-N].safetensors, and atomic_write's
 # temporary names for them and for the index (".<name>.<random><suffix>"), check_dir's probe
 _OURS = re.compile(r"[0-9a-f]{32}\.(json|kv\.safetensors|kv\.rank\d+-of-\d+\.safetensors)")
@@ -55,6 +56,21 @@ def check_dir(path) -> Path:
         raise InputError(f"--kv-dir {path} is not a writable directory "
                          f"({e.strerror or e})") from None
     return path
+
+
+def lock_dir(path: Path) -> int:
+    """Hold ``path`` for this process (an open file descriptor; closing it lets go, as
+    the process's end does); an ``InputError`` when another server holds it."""
+    import fcntl
+
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise InputError(f"--kv-dir {path} is in use by another mlxkv serve: give each "
+                         "server its own") from None
+    return fd
 
 
 def sha256_of(path: Path) -> str:

@@ -19,6 +19,7 @@ All of this runs on the worker thread; ``view`` (``GET /v1/kv``) may be called f
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -121,8 +122,14 @@ class SessionStore:
         # in the directory's index at start
         self.spilled = self.restored = self.rebuilt = self.forgotten = self.resumed = 0
         self.check(self.config)
+        self._held = None
         if self.persistent:
-            self._open_dir()
+            self._held = disk.lock_dir(self.directory)
+            try:
+                self._open_dir()
+            except BaseException:
+                os.close(self._held)
+                raise
 
     def files(self, entry: "Entry") -> tuple[Path, Path]:
         """A saved session's files: its messages and (this process's part of) its cache."""
@@ -450,6 +457,9 @@ class SessionStore:
                     self.log(f"session {e.id}: not saved ({err})")
         with self._lock:
             self.entries.clear()
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
 
 
 def _model_words(identity: dict) -> str:
