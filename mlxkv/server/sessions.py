@@ -19,6 +19,7 @@ All of this runs on the worker thread; ``view`` (``GET /v1/kv``) may be called f
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -155,7 +156,8 @@ class SessionStore:
             raise InputError(f"--kv-dir {where} holds conversations of the model "
                              f"{_model_words(doc['model'])}, not of the model served here, "
                              f"{_model_words(identity)}: give this model another --kv-dir")
-        if doc is not None and doc.get("default_cache") not in (None, self.config.to_dict()):
+        defaults = json.loads(json.dumps(self.config.to_dict()))  # as JSON reads it back
+        if doc is not None and doc.get("default_cache") not in (None, defaults):
             self.log(f"--kv-dir {where} was saved with other default cache settings: its "
                      "conversations continue for requests that ask for their settings")
         wall, now = time.time(), time.monotonic()
