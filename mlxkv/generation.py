@@ -84,7 +84,7 @@ class GenerationEvent:
 
 
 def context_length(model) -> int | None:
-    return getattr(model.args, "max_position_embeddings", None)
+    return shape_of(model).context
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
@@ -146,11 +146,16 @@ def prompt_tokens(tokenizer, prompt: Prompt, *, chat_template: bool = True,
         if bad:
             raise InputError(f"message {bad[0]} needs a 'role' and a 'content', both text "
                              f"(got {prompt[bad[0]]!r})")
+        if system is not None and any(m["role"] == "system" for m in prompt):
+            raise InputError("the messages have a system message already: give it once")
         head = [{"role": "system", "content": system}] if system is not None else []
         return chat_tokens(tokenizer, head + [dict(m) for m in prompt])
     if any(isinstance(t, (str, Mapping)) for t in prompt):
         raise InputError("a prompt is text, a list of token ids, or a list of "
                          "{'role', 'content'} messages (not a mix)")
+    if system is not None:
+        raise InputError("a system message goes into the chat template: give text or "
+                         "messages with it, not token ids")
     return encode_prompt(tokenizer, prompt)
 
 

@@ -37,6 +37,7 @@ def test_start_up_hook_is_installed():
 
 
 @linux_only
+@pytest.mark.process  # starts interpreters
 def test_import_order_does_not_matter():
     expected = bool(_blas.find_openblas())  # a machine without OpenBLAS: neither order has it
     assert _mlx_on_openblas("import mlx.core as mx\nimport mlxkv") == expected
@@ -44,6 +45,7 @@ def test_import_order_does_not_matter():
 
 
 @linux_only
+@pytest.mark.process  # starts interpreters
 def test_mlx_first_gets_openblas_through_the_hook_alone():
     """Without importing mlxkv at all, a process of this environment has OpenBLAS under
     MLX when the machine has one (the hook acts on ``import mlx``)."""
@@ -55,6 +57,7 @@ def test_mlx_first_gets_openblas_through_the_hook_alone():
 
 
 @linux_only
+@pytest.mark.process  # starts interpreters
 def test_one_warning_says_why_when_mlx_came_up_without_openblas():
     """The hook removed (as in an uninstalled checkout) and mlx imported first: importing
     mlxkv warns once, naming the cause and what to do."""
@@ -97,25 +100,3 @@ def test_the_start_up_hook_does_nothing_on_macos(monkeypatch):
     assert _blas.preload_openblas() is None
     assert _blas.slow_blas_reason() is None and loads == []
 
-
-def test_product_code_never_imports_the_metal_simulator():
-    """``import mlxkv``, the CLI's modules and a generation on a compressed cache leave
-    the simulator (tooling for tests and ``bench --simulate``) unimported."""
-    code = """
-import sys
-import mlxkv, mlxkv.cli, mlxkv.commands.generate, mlxkv.commands.chat, mlxkv.commands.serve
-import mlx.core as mx
-from mlx_lm.models import llama
-args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=1,
-                       intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-                       rms_norm_eps=1e-5, vocab_size=64, head_dim=32, tie_word_embeddings=True)
-model = llama.Model(args)
-mlxkv.route(model)
-cache = mlxkv.make_cache(model, mlxkv.CacheConfig(key_bits=4, value_bits=4, window=40))
-for _ in range(3):
-    mx.eval(model(mx.array([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]), cache=cache))
-print(sorted(m for m in sys.modules if m.startswith("mlxkv.metalsim") or m == "mlxkv.kernel_bench"))
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip().splitlines()[-1] == "[]"

@@ -390,3 +390,58 @@ def test_one_decode_decision_per_layer_per_step(config, kernels, monkeypatch, ke
     assert len(decisions) == steps * compressed
     if kernels == "metal" and compressed:  # the kernel takes the step and stores its token
         assert all(d[2] is not None for d in decisions)
+
+
+def test_plan_sizes_what_make_cache_builds_and_the_server_reserves():
+    from mlxkv.cache.layout import STEP
+    from mlxkv.cache.plan import GROWTH_SLACK
+
+    model = tiny_model("llama")
+    shape = mlxkv.shape_of(model)
+    budgeted = mlxkv.plan(CacheConfig(budget="300KB", key_bits=4, value_bits=4), shape)
+    cache = make_cache(model, budgeted)
+    assert [c.window for c in cache] == [lp.window for lp in budgeted.layers]
+    assert sum(lp.budget for lp in budgeted.layers) == 300_000
+    assert budgeted.bound_bytes(10_000, 512) == 300_000
+    assert f"(keeps {budgeted.layers[0].window} tokens + 4 sinks a layer)" in budgeted.describe()
+    # no budget: every kept token at full precision, rounded up to the buffers' steps,
+    # plus a chunk, the sinks and the residual (a bound, not an estimate)
+    grow = mlxkv.plan(CacheConfig(key_bits=4, value_bits=4, residual=16), shape)
+    token = 2 * shape.kv_heads * shape.head_dim * 4  # float32
+    rows = -(-1000 // STEP) * STEP + 512 + STEP + 4 + 16 + GROWTH_SLACK
+    assert grow.bound_bytes(1000, 512) == 2 * rows * token
+    other = tiny_model("llama", num_hidden_layers=3)
+    with pytest.raises(InputError, match="plan was made for another model"):
+        make_cache(other, budgeted)
+
+
+def test_route_keeps_a_models_name_and_a_dtype_set_later_reaches_its_caches():
+    model = tiny_model("llama")
+    mlxkv.unroute(model)
+    mlxkv.route(model, name="my-llama")
+    mlxkv.unroute(model)
+    mlxkv.route(model)
+    assert mlxkv.shape_of(model).identity["name"] == "my-llama"
+    model.set_dtype(mx.float16)
+    cache = make_cache(model, CacheConfig(key_bits=8, value_bits=8, group_size=32))
+    assert mlxkv.shape_of(model).dtype == mx.float16
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    assert cache[0].layout.sink_keys.dtype == mx.float16
+
+
+def test_restoring_a_state_between_a_decode_steps_store_and_attend_drops_the_step(
+        monkeypatch, kernels_built_by, simulator):
+    """A state put back after ``update_and_fetch`` took a decode token the kernel was to
+    store: ``attend`` then decides anew and stores nothing of the dropped token."""
+    monkeypatch.setenv("MLXKV_KERNELS", "metal")
+    if not mx.metal.is_available():
+        kernels_built_by(simulator.metal_kernel)
+    cache = QuantizedCache(key_bits=4, value_bits=4, group_size=32)
+    k, v = mx.random.normal((1, 2, 40, 32)), mx.random.normal((1, 2, 40, 32))
+    cache.update_and_fetch(k, v)
+    cache.attend(mx.random.normal((1, 4, 40, 32)), scale=0.2)
+    state, meta = cache.state, cache.meta_state
+    cache.update_and_fetch(k[:, :, :1], v[:, :, :1])  # the kernel would store this one
+    cache.state, cache.meta_state = state, meta
+    cache.attend(mx.random.normal((1, 4, 1, 32)), scale=0.2)
+    assert cache.meta_state == meta and cache.layout.ring_len == 40

@@ -126,3 +126,8 @@ def test_prompt_forms_give_the_tokens_a_user_means(smollm, paris_prompt):
             prompt_tokens(tok, bad)
     with pytest.raises(InputError, match="system message"):
         prompt_tokens(tok, question, chat_template=False, system="x")
+    with pytest.raises(InputError, match="not token ids"):
+        prompt_tokens(tok, templated, system="x")
+    with pytest.raises(InputError, match="give it once"):
+        prompt_tokens(tok, [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}],
+                      system="x")

@@ -128,6 +128,9 @@ def test_avg_pool_and_allocator():
     (dict(policy="snapkv:window=x", budget="1MB"), "window takes a number, as in snapkv:window=16"),
     (dict(policy="snapkv", budget="1MB", recent=-1), "recent must be >= 0"),
     (dict(policy="snapkv", budget="1MB", allocator="adaptive", floor=1.5), "floor is a share"),
+    (dict(policy="snapkv:window=0", budget="1MB"), "snapkv's window and kernel are at least 1"),
+    (dict(budget="1MB", recent=8), "recent applies to a scoring policy"),
+    (dict(policy="h2o", budget="1MB", floor=0.5), "floor applies to the adaptive allocator"),
 ])
 def test_bad_policy_settings(changes, needle):
     with pytest.raises(InputError, match=needle):
@@ -248,9 +251,18 @@ def test_policy_parameters_and_kept_tokens_reach_the_caches():
     policy = layer.eviction.policy
     assert (policy.name, policy.window, policy.kernel) == ("snapkv", 8, 5)
     assert layer.eviction.recent == 12 and layer.eviction.slots.floor == 0.5
-    assert "policy snapkv:window=8, kernel=5" in config.describe()
+    assert "policy snapkv:window=8,kernel=5" in config.describe()
     assert "12 recent kept" in config.describe() and "floor 0.5" in config.describe()
     assert CacheConfig(**config.to_dict()) == config  # what a saved cache records
     default = make_cache(model, CacheConfig(budget="200KB", key_bits=8, value_bits=8,
                                             policy="snapkv"))[0]
     assert (default.eviction.policy.window, default.eviction.recent) == (16, 32)
+
+
+def test_a_policy_has_one_spelling():
+    """Equal settings are equal configs (the server compares them, saved caches record
+    them): the policy and its parameters are kept in one spelling."""
+    a = CacheConfig(policy=" SnapKV: window = 8 ,kernel=5", budget="1MB")
+    assert a == CacheConfig(policy="snapkv:window=8,kernel=5", budget="1MB")
+    assert a.policy_name == "snapkv" and a.check().describe().endswith("policy snapkv:window=8,kernel=5")
+    assert CacheConfig(policy="Window").policy == "window"

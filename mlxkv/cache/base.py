@@ -252,7 +252,7 @@ class CompressedCache:
 
     @state.setter
     def state(self, arrays: dict):
-        self._pending = None
+        self._pending = self._step = None
         if not arrays:
             self.layout.clear()
             return

@@ -4,7 +4,7 @@ so one error lists every problem."""
 
 from __future__ import annotations
 
-from ..policies import parse_policy
+from ..policies import make_policy
 from ..errors import InputError
 from .codebook import CODEBOOK_BITS
 from .codec import BITS, GROUP_SIZES, QUANTS, default_group
@@ -13,6 +13,8 @@ KEY_MODES = ("token", "channel")
 ALLOCATORS = ("uniform", "pyramid", "adaptive")
 MAX_OUTLIERS = 8  # values kept exactly per key vector
 HADAMARD_BASES = (1, 12, 20, 28)
+RECENT = 32   # newest tokens a scoring policy never evicts, by default
+FLOOR = 0.2   # share of a head's slots the adaptive allocator keeps for it, by default
 
 
 def hadamard_size(n: int) -> bool:
@@ -116,7 +118,7 @@ def eviction(c) -> list[str]:
     """The policy (and its parameters), the tokens it keeps and the budget's allocator."""
     problems = []
     try:
-        name, _ = parse_policy(c.policy)
+        name = make_policy(c.policy).name  # its parameters checked by the policy itself
     except InputError as e:
         problems.append(str(e))
         name = None
@@ -129,8 +131,13 @@ def eviction(c) -> list[str]:
                             "grouped per token (key_mode 'token')")
     if c.recent < 0:
         problems.append(f"recent must be >= 0 (got {c.recent})")
+    elif c.recent != RECENT and name == "window":
+        problems.append("recent applies to a scoring policy (e.g. policy 'snapkv'): the window "
+                        "policy keeps only recent tokens")
     if not 0 <= c.floor <= 1:
         problems.append(f"floor is a share of a head's slots, 0 to 1 (got {c.floor})")
+    elif c.floor != FLOOR and c.allocator != "adaptive":
+        problems.append("floor applies to the adaptive allocator (allocator 'adaptive')")
     if c.allocator not in ALLOCATORS:
         problems.append(f"unknown allocator {c.allocator!r} (known: {', '.join(ALLOCATORS)})")
     elif c.allocator == "adaptive" and name == "window":

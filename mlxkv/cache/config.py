@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from ..budget import format_bytes, parse_bytes
 from ..errors import InputError
 from . import checks
-from .checks import ALLOCATORS, KEY_MODES
+from .checks import ALLOCATORS, FLOOR, KEY_MODES, RECENT
 from .codec import BITS, GROUP_SIZES, QUANTS, default_group
 from .spec import declared, setting
 
@@ -101,15 +101,20 @@ class CacheConfig:
                                "codebook --kv-bits 2 --kv-middle 512)")
     middle_bits: int = setting(4, kind="count", choices=BITS,
                                help="bits of the middle tokens (default 4; more than --kv-bits)")
-    recent: int = setting(32, kind="count", describe=lambda v: f"{v} recent kept",
+    recent: int = setting(RECENT, kind="count", describe=lambda v: f"{v} recent kept",
                           help="newest tokens a scoring policy never evicts (default 32)")
-    floor: float = setting(0.2, kind="fraction", describe=lambda v: f"floor {v:g}",
+    floor: float = setting(FLOOR, kind="fraction", describe=lambda v: f"floor {v:g}",
                            help="the adaptive allocator's share of a head's slots it always "
                                 "keeps (AdaKV's safeguard, default 0.2)")
 
     def __post_init__(self):
         if self.budget is not None:  # parsed once, here: a size such as "64MB" -> bytes
             object.__setattr__(self, "budget", parse_bytes(self.budget))
+        # one spelling of a policy and its parameters ("SnapKV: window = 8" -> "snapkv:window=8"),
+        # so equal settings are equal configs (checked by ``check``, not here)
+        name, _, params = self.policy.partition(":")
+        params = ",".join(p.replace(" ", "") for p in params.split(",") if p.strip())
+        object.__setattr__(self, "policy", name.strip().lower() + (":" + params if params else ""))
 
     @property
     def quantized(self) -> bool:
@@ -118,7 +123,7 @@ class CacheConfig:
     @property
     def policy_name(self) -> str:
         """The policy without its parameters (``snapkv`` of ``snapkv:window=32``)."""
-        return self.policy.partition(":")[0].strip()
+        return self.policy.partition(":")[0]
 
     @property
     def kind(self) -> str:

@@ -15,7 +15,7 @@ from .plan import CachePlan, LayerPlan, plan
 from .quantized import QuantizedCache
 from .route import is_routed
 from .scored import ScoredCache
-from .shape import shape_of
+from .shape import current_shape
 from .window import WindowCache
 
 
@@ -45,8 +45,11 @@ def make_cache(model, config: CacheConfig | CachePlan | None = None, *,
     plan made for this model). Layers with a cache of their own kind (sliding-window,
     state-space) keep it. ``batch_size``: the sequences fed at once (the adaptive
     allocator takes one)."""
-    shape = shape_of(model)
+    shape = current_shape(model)
     p = config if isinstance(config, CachePlan) else plan(config, shape)
+    if p.shape != shape:
+        raise InputError("this cache plan was made for another model (or another dtype or "
+                         "group of this one): make it with mlxkv.plan(config, shape_of(model))")
     config = p.config
     if config.allocator == "adaptive" and batch_size != 1:
         raise InputError(f"the adaptive allocator keeps one sequence (batch size 1, got "

@@ -48,7 +48,7 @@ class CachePlan:
         rows = -(-kept // STEP) * STEP + chunk + STEP + c.sinks + c.residual + GROWTH_SLACK
         s = self.shape
         per_token = 2 * s.kv_heads * s.head_dim * s.dtype.size
-        return s.layers * rows * per_token * s.group.size
+        return s.identity["layers"] * rows * per_token * s.group.size  # every layer, as before
 
     def describe(self) -> str:
         """The config in words, with the window a budget buys each layer."""
@@ -68,8 +68,8 @@ def plan(config: CacheConfig | None, shape: ModelShape) -> CachePlan:
     budgets: list = [None] * len(ours)
     if config.budget is not None:  # a group's budget: each rank holds its share
         budgets = allocate(config.budget // shape.group.size, len(ours), config.allocator)
-    layers = tuple(LayerPlan(i, b, config.window if b is None else
-                             budget_window(shape, config, b))
+    windows = {b: budget_window(shape, config, b) for b in set(budgets) if b is not None}
+    layers = tuple(LayerPlan(i, b, config.window if b is None else windows[b])
                    for i, b in zip(ours, budgets))
     return CachePlan(config, shape, layers)
 

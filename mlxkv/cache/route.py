@@ -21,7 +21,7 @@ from collections import Counter
 from ..distributed import SINGLE, Group
 from ..errors import InputError
 from .base import CompressedCache
-from .shape import attach_shape, read_shape
+from .shape import attach_shape, kept_shape, read_shape
 
 _NAME = "scaled_dot_product_attention"
 _USERS: Counter[str] = Counter()  # module name -> routed models built from it
@@ -47,16 +47,18 @@ def _attention_modules(model) -> list[str]:
     return [n for n in names if getattr(sys.modules.get(n), _NAME, None) is not None]
 
 
-def route(model, *, name: str | None = None, group: Group = SINGLE) -> list[str]:
+def route(model, *, name: str | None = None, group: Group | None = None) -> list[str]:
     """Route the attention calls of ``model``'s modules through mlxkv (idempotent per
     model) and keep its ``ModelShape`` with it (``name``: what a saved cache calls the
     model, by default its architecture; ``group``: the tensor-parallel group it was split
-    over, ``mlxkv.models.shard``). Call it once the model's dtype is set. Returns the
-    module names."""
+    over; both default to what the model's shape says already, e.g. after
+    ``mlxkv.models.shard``). Returns the module names."""
     routed = getattr(model, _ROUTED_ATTR, None)
     if routed is not None:
         return list(routed)
-    attach_shape(model, read_shape(model, name=name, group=group))
+    kept = kept_shape(model)
+    attach_shape(model, read_shape(model, name=name or (kept.name if kept else None),
+                                   group=group or (kept.group if kept else SINGLE)))
     routed = _attention_modules(model)
     for name in routed:
         module = sys.modules[name]

@@ -9,7 +9,7 @@ learned attention sinks, and the identity a saved cache records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -40,11 +40,6 @@ class ModelShape:
         """Query heads per kv head."""
         return self.q_heads // self.kv_heads
 
-    def token_bytes(self) -> int:
-        """One token's keys and values at full precision, in this rank's share of all
-        attention layers' caches."""
-        return 2 * self.kv_heads * self.head_dim * self.dtype.size * len(self.attention_layers)
-
 
 def read_shape(model, *, name: str | None = None, group: Group = SINGLE) -> ModelShape:
     """The shape of ``model`` (already split over ``group`` when it is one)."""
@@ -54,13 +49,11 @@ def read_shape(model, *, name: str | None = None, group: Group = SINGLE) -> Mode
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // q_heads
     name = name or getattr(args, "model_type", None) or type(model).__module__.split(".")[-1]
     caches = make_prompt_cache(model)
-    dtype = next(v.dtype for _, v in tree_flatten(model.parameters())
-                 if mx.issubdtype(v.dtype, mx.floating))
     return ModelShape(
         name=name, layers=len(caches),
         attention_layers=tuple(i for i, c in enumerate(caches) if type(c) is KVCache),
         head_dim=head_dim, q_heads=q_heads // group.size, kv_heads=kv_heads // group.size,
-        dtype=dtype,
+        dtype=model_dtype(model),
         learned_sinks=any(isinstance(getattr(m, "sinks", None), mx.array)
                           for _, m in model.named_modules()),
         group=group, context=getattr(args, "max_position_embeddings", None),
@@ -70,12 +63,31 @@ def read_shape(model, *, name: str | None = None, group: Group = SINGLE) -> Mode
                   "vocab_size": getattr(args, "vocab_size", None)})
 
 
+def model_dtype(model) -> mx.Dtype:
+    """The dtype of the model's activations: that of its first floating-point parameter."""
+    return next(v.dtype for _, v in tree_flatten(model.parameters())
+                if mx.issubdtype(v.dtype, mx.floating))
+
+
 def attach_shape(model, shape: ModelShape) -> ModelShape:
     object.__setattr__(model, _ATTR, shape)
     return shape
 
 
+def kept_shape(model) -> ModelShape | None:
+    return model.__dict__.get(_ATTR)
+
+
 def shape_of(model) -> ModelShape:
-    """The shape kept with ``model`` (``route``, ``mlxkv.load``), read now if it has none."""
-    shape = model.__dict__.get(_ATTR)
+    """The shape kept with ``model`` (``route``, ``mlxkv.load``, ``shard``), read now if it
+    has none."""
+    shape = kept_shape(model)
     return shape if shape is not None else attach_shape(model, read_shape(model))
+
+
+def current_shape(model) -> ModelShape:
+    """``shape_of(model)``, its dtype read again (once per cache made: a model whose dtype
+    was set after it was routed gets caches of its new dtype)."""
+    shape = shape_of(model)
+    dtype = model_dtype(model)
+    return shape if dtype == shape.dtype else attach_shape(model, replace(shape, dtype=dtype))

@@ -9,6 +9,7 @@ from ..budget import format_bytes
 from ..cache.codec import BITS
 from ..cache.config import CacheConfig
 from ..distributed import SINGLE
+from ..policies import known_policies
 from ..settings import SETTINGS
 
 # --kv-* flag -> the word mlxkv.settings reads (a CacheConfig field, or bits/max_kv_size)
@@ -46,8 +47,9 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
         typed = {"count": int, "fraction": float}.get(spec.kind, str)
         metavar = spec.metavar or (None if spec.choices else
                                    {"count": "N", "fraction": "SHARE"}.get(spec.kind, "VALUE"))
+        known = f" (known: {', '.join(known_policies())})" if spec.kind == "policy" else ""
         g.add_argument(flag, type=typed, choices=spec.choices, default=None, metavar=metavar,
-                       help=spec.help)
+                       help=spec.help + known)
     g.add_argument("--max-kv-size", type=int, default=None,
                    help="mlx-lm's name for a window: at most this many tokens, 4 of them sinks")
 

@@ -48,7 +48,7 @@ def load_resolved(resolved: ResolvedModel, *, dtype: mx.Dtype | None = None,
     shard(model, group)
     mx.eval(model.parameters())
     # attention calls reach mlxkv's caches (mlxkv/cache/route.py); the model's shape is kept
-    route(model, name=resolved.alias or Path(resolved.path).name, group=group)
+    route(model, name=resolved.alias or Path(resolved.path).name)
     return model, tokenizer
 
 

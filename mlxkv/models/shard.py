@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..cache.shape import attach_shape, read_shape
 from ..distributed import Group
 from ..errors import GroupError
 
@@ -9,8 +10,8 @@ from ..errors import GroupError
 def shard(model, group: Group) -> None:
     """Split ``model`` over ``group``, tensor parallel, with mlx-lm's own ``model.shard``:
     each rank keeps 1/N of the attention heads (and so the caches of its own kv heads) and
-    of the MLP. A model that cannot be split that way is a ``GroupError``. ``route(model,
-    group=group)`` afterwards records the group in the model's shape."""
+    of the MLP. A model that cannot be split that way is a ``GroupError``. The model's
+    shape (``shape_of``) records the group."""
     if group.size == 1:
         return
     arch = type(model).__module__.split(".")[-1]
@@ -29,3 +30,4 @@ def shard(model, group: Group) -> None:
                else "it runs in one process only")
         raise GroupError(f"this model's {what} do not divide over {n} processes: {fix}")
     model.shard(group.group)
+    attach_shape(model, read_shape(model, group=group))  # this rank's heads, and the group

@@ -61,7 +61,8 @@ def parse_policy(text: str) -> tuple[str, dict]:
 
 
 def make_policy(text: str) -> Policy:
-    """The policy ``text`` names, with its parameters (``parse_policy``)."""
+    """The policy ``text`` names, with its parameters (``parse_policy``; a policy checks
+    their values itself, an ``InputError``)."""
     name, params = parse_policy(text)
     return POLICIES[name](**params)
 

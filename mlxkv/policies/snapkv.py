@@ -9,6 +9,7 @@ the 135M default model they keep a 5-digit passkey at a quarter of the full cach
 
 import mlx.core as mx
 
+from ..errors import InputError
 from .base import Policy
 
 
@@ -27,6 +28,9 @@ class SnapKVPolicy(Policy):
     needs_attention = True
 
     def __init__(self, window: int = 16, kernel: int = 3):
+        if window < 1 or kernel < 1:
+            raise InputError(f"snapkv's window and kernel are at least 1 (got window={window}, "
+                             f"kernel={kernel})")
         self.window, self.kernel = window, kernel
 
     def observed_queries(self, first, n, total):
