@@ -9,21 +9,16 @@ memory never add up to more than ``total``. A session on disk is loaded back whe
 extends it: its history is not read through the model again (unless a file of it fails its
 checksum: then it is, see ``load``).
 
-With a ``directory`` given (``--kv-dir``) the saved sessions outlive the process: an index
-names them (``disk.py``), a new store on the same directory continues them, and ``close``
-saves the sessions in memory there too. Without one, a temporary directory is removed by
-``close``.
+The files, the directory and (with ``--kv-dir``, sessions kept across restarts) its index
+are the disk tier's (``disk.DiskTier``); with ``--kv-dir`` ``close`` saves the sessions in
+memory there too.
 
 All of this runs on the worker thread; ``view`` (``GET /v1/kv``) may be called from any.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -38,13 +33,12 @@ from ..budget import format_bytes
 from ..cache.config import CacheConfig
 from ..cache.plan import plan
 from ..cache.shape import shape_of
-from ..chat import ChatSession, kv_path
+from ..chat import ChatSession
 from ..errors import InputError, MlxkvError
 from ..generation import DEFAULT_PREFILL_STEP, chat_tokens, context_length, encode_prompt
-from ..persist import load_cache
 from ..stats import CacheStats, gather_stats
-from . import disk
-from .protocol import SESSION_ID, APIError, Request, bad, usage
+from .disk import DiskTier
+from .protocol import APIError, Request, bad, usage
 
 
 @dataclass
@@ -94,130 +88,52 @@ class Entry:
 
 class SessionStore:
     """Sessions of one model within ``total`` bytes of KV cache in memory; saved sessions
-    go to ``directory`` (kept across restarts, see the module docstring; by default a
-    temporary one, removed by ``close``)."""
+    go to ``directory`` through the disk tier (kept across restarts, see
+    ``disk.DiskTier``; by default a temporary one, removed by ``close``)."""
 
     def __init__(self, model, tokenizer, *, config: CacheConfig, total: int,
                  directory: Path | None = None, disk_total: int | None = None,
                  generation: dict | None = None, log: Callable[[str], None] | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.config = config.resolve(shape_of(model).head_dim)
-        self.total, self.disk_total = total, disk_total
+        self.total = total
         self.shape = shape_of(model)
         self.context = context_length(model)
         self.group = self.shape.group
-        self.persistent = directory is not None
-        if directory is None:
-            self.directory = Path(tempfile.mkdtemp(prefix="mlxkv-serve-"))
-        else:
-            self.directory = disk.check_dir(directory)
-            if self.group.size > 1:  # each rank its own files and index
-                self.directory = disk.check_dir(
-                    self.directory / f"rank{self.group.rank}-of-{self.group.size}")
         self.generation = dict(generation or {})
         self.log = log or (lambda text: print(f"mlxkv serve: {text}", file=sys.stderr, flush=True))
+        self.disk = DiskTier(directory, model, tokenizer, self.config.to_dict(), disk_total,
+                             self.generation, self.log)
         self.entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
         # sessions saved to disk, loaded back (from their cache), loaded by reading their
         # history again (a file failed its checksum), removed over disk_total, and found
         # in the directory's index at start
         self.spilled = self.restored = self.rebuilt = self.forgotten = self.resumed = 0
-        self.check(self.config)
-        self._held = None
-        if self.persistent:
-            self._held = disk.lock_dir(self.directory)
-            try:
-                self._open_dir()
-            except BaseException:
-                os.close(self._held)
-                raise
-
-    def files(self, entry: "Entry") -> tuple[Path, Path]:
-        """A saved session's files: its messages and (this process's part of) its cache."""
-        return entry.path, kv_path(entry.path, self.group)
-
-    def _path(self, session_id: str) -> Path:
-        return self.directory / f"{disk.file_stem(session_id)}.json"
-
-    # ----- the directory's index (--kv-dir) ----------------------------------------------
-    def _open_dir(self) -> None:
-        """Register the sessions the directory's index names as on disk; refuse a
-        directory of another model; set aside an index that cannot be read."""
-        where, identity = self.directory, self.shape.identity
         try:
-            doc = disk.read_index(where)
-        except ValueError as e:
-            aside = where / f"{disk.INDEX}.damaged"
-            (where / disk.INDEX).replace(aside)
-            self.log(f"--kv-dir {where}: its index cannot be read ({e}): the conversations "
-                     f"saved there are ignored (the index is kept as {aside.name})")
+            self.check(self.config)
+            if self.disk.persistent:
+                self._resume()
+        except BaseException:
+            self.disk.close()
+            raise
+
+    def _resume(self) -> None:
+        """Register the sessions the directory's index names as on disk (``--kv-dir``)."""
+        saved = self.disk.open()
+        if saved is None:  # its index could not be read
             return
-        if doc is not None and doc["model"] != identity:
-            raise InputError(f"--kv-dir {where} holds conversations of the model "
-                             f"{_model_words(doc['model'])}, not of the model served here, "
-                             f"{_model_words(identity)}: give this model another --kv-dir")
-        defaults = json.loads(json.dumps(self.config.to_dict()))  # as JSON reads it back
-        if doc is not None and doc.get("default_cache") not in (None, defaults):
-            self.log(f"--kv-dir {where} was saved with other default cache settings: its "
-                     "conversations continue for requests that ask for their settings")
-        wall, now = time.time(), time.monotonic()
-        for row in doc["sessions"] if doc is not None else []:
-            entry = self._entry_from(row, wall, now)
-            if entry is None:
-                self.log(f"--kv-dir {where}: passed over an index entry that cannot be read")
-                continue
-            self.entries[entry.id] = entry
-        stale = disk.leftovers(where, {name for e in self.entries.values() for name in e.sums})
-        for p in stale:
-            p.unlink(missing_ok=True)
-        if stale:
-            self.log(f"--kv-dir {where}: removed {len(stale)} file(s) no saved conversation "
-                     "names (left by a save that was interrupted)")
+        self.entries.update((fields["id"], Entry(**fields)) for fields in saved)
         self.resumed = len(self.entries)
         if self.entries:
-            self.log(f"{len(self.entries)} conversation(s) saved in {where} continue from there")
+            self.log(f"{len(self.entries)} conversation(s) saved in {self.disk.directory} "
+                     "continue from there")
         self._cap_disk()
         self._write_index()
 
-    def _entry_from(self, row, wall: float, now: float) -> Entry | None:
-        """A session on disk from its index entry (None if the entry is not sound)."""
-        try:
-            sid = row["id"]
-            if not isinstance(sid, str) or not SESSION_ID.fullmatch(sid):
-                return None
-            config = CacheConfig(**row["cache_config"]).resolve(self.shape.head_dim)
-            entry = Entry(id=sid, config=config, path=self._path(sid),
-                          trimmable=bool(row.get("trimmable", True)))
-            sums = row["files"]
-            # only this session's own file names: never a path the index makes up
-            if (not isinstance(sums, dict) or set(sums) != {p.name for p in self.files(entry)}
-                    or not all(isinstance(v, str) for v in sums.values())):
-                return None
-            entry.sums = dict(sums)
-            held = disk.saved_tokens(self.files(entry)[1])
-            if held is not None and len(held[0]) == int(row["tokens"]):
-                entry.tokens, entry.reply_start = held
-            # else it is found by its id only, and its load finds what is wrong
-            entry.saved_counts = tuple(int(row.get(k, 0)) for k in ("seen", "kept", "evicted"))
-            entry.saved_at = float(row.get("saved_at", wall))
-            entry.last_used = now - max(0.0, wall - entry.saved_at)
-            entry.disk_bytes = sum(p.stat().st_size for p in self.files(entry) if p.exists())
-        except (KeyError, TypeError, ValueError, MlxkvError):
-            return None
-        return entry
-
     def _write_index(self) -> None:
-        """Write the index of the sessions on disk (after their files, before removing
-        any): a crash at any moment leaves an index whose files are whole."""
-        if not self.persistent:
-            return
-        rows = [{"id": e.id, "cache_config": e.config.to_dict(), "tokens": len(e.tokens),
-                 "reply_start": e.reply_start, "trimmable": e.trimmable,
-                 **dict(zip(("seen", "kept", "evicted"), e.counts())),
-                 "saved_at": e.saved_at, "files": e.sums}
-                for e in list(self.entries.values()) if e.session is None and e.sums]
-        disk.write_index(self.directory, disk.index_doc(self.shape.identity,
-                                                        self.config.to_dict(), rows))
+        self.disk.write_index([e for e in list(self.entries.values())
+                               if e.session is None and e.sums])
 
     # ----- memory ----------------------------------------------------------------------
     def reserve_bytes(self, config: CacheConfig, tokens: int) -> int:
@@ -252,12 +168,7 @@ class SessionStore:
     def spill(self, entry: Entry, keep: Entry | None = None) -> None:
         """Save ``entry``'s session to disk (compressed cache + messages) and drop it from
         memory; over ``disk_total``, forget the oldest saved sessions (except ``keep``)."""
-        entry.session.save(entry.path)
-        files = self.files(entry)
-        if self.persistent:  # on the device before the index names them
-            disk.sync(*files, self.directory)
-        entry.sums = disk.checksums(files)
-        entry.disk_bytes = sum(p.stat().st_size for p in files)
+        entry.sums, entry.disk_bytes = self.disk.save(entry.session, entry.path)
         entry.saved_at = time.time()
         with self._lock:
             entry.session = None
@@ -268,76 +179,34 @@ class SessionStore:
 
     def _cap_disk(self, keep: Entry | None = None) -> None:
         """Over ``disk_total``, forget the oldest saved sessions (except ``keep``)."""
-        if self.disk_total is None:
-            return
         saved = [e for e in self.entries.values() if e.session is None and e is not keep]
-        while saved and sum(e.disk_bytes for e in saved) > self.disk_total:
-            oldest = min(saved, key=lambda e: e.last_used)
-            saved.remove(oldest)
+        for oldest in self.disk.over_limit(saved):
             self.drop(oldest)  # its next request reads its history again
             self.forgotten += 1
             self.log(f"session {oldest.id}: removed from disk (over --kv-disk "
-                     f"{format_bytes(self.disk_total)})")
-
-    LOST = "its saved files are lost: it starts again from the request"
+                     f"{format_bytes(self.disk.limit)})")
 
     def load(self, entry: Entry) -> None:
-        """Bring a saved session back into memory (its files are removed: the session
-        changes from here on). A file that is missing or fails its checksum is never
-        loaded: a damaged cache is read again from the saved messages; with damaged
-        messages a whole cache serves alone (the request holds the messages), else the
-        session starts again from the request. A log line says so; the request is served
-        either way."""
-        doc, kv = self.files(entry)
-        bad = disk.damaged(self.directory, entry.sums)
-        why = "; ".join(n + (" fails its checksum" if (self.directory / n).exists()
-                             else " is missing") for n in bad)
-        session, note = None, None
-        try:
-            if doc.name not in bad:
-                if kv.name in bad:
-                    kv.unlink(missing_ok=True)  # so resume reads the history from the messages
-                session = ChatSession.resume(doc, self.model, self.tokenizer, **self.generation)
-                note = session.resume_note and (
-                    "its cache is read again from its saved messages" if bad
-                    else session.resume_note)
-            elif kv.name not in bad:
-                session = self._cache_alone(kv)
-                note = "its saved messages are lost: its saved cache serves alone"
-        except MlxkvError as e:
-            why = why or str(e)
-        if session is None:
-            session = ChatSession(self.model, self.tokenizer, cache_config=entry.config,
-                                  **self.generation)
-            note = self.LOST
-        if note:
-            self.log(f"session {entry.id}: {note}{f' ({why})' if why else ''}")
+        """Bring a saved session back into memory (``DiskTier.load``: a file that is
+        missing or fails its checksum is never loaded); its files are removed: the session
+        changes from here on."""
+        session, rebuilt = self.disk.load(entry)
         with self._lock:
             entry.session, entry.disk_bytes, entry.sums = session, 0, {}
         self._write_index()  # the index lets go of the files before they are removed
-        for p in self.files(entry):
-            p.unlink(missing_ok=True)
+        self.disk.remove(entry.path)
         entry.take(session)
-        if session.resume_note or note == self.LOST:
+        if rebuilt:
             self.rebuilt += 1  # its history is read through the model again
         else:
             self.restored += 1
-
-    def _cache_alone(self, kv: Path) -> ChatSession:
-        """A session holding the saved cache ``kv`` and no messages (its next turn's
-        messages are the whole conversation: the cache is reused as far as it holds them)."""
-        cache, config, tokens, extra = load_cache(kv, self.model)
-        session = ChatSession(self.model, self.tokenizer, cache_config=config, **self.generation)
-        session.cache, session.cached_tokens = cache, tokens
-        session.last_reply_start = int(extra.get("reply_start", len(tokens)))
-        return session
 
     # ----- requests --------------------------------------------------------------------
     def _new(self, session_id: str | None, config: CacheConfig) -> Entry:
         sid = session_id or uuid.uuid4().hex[:16]
         self.check(config)
         session = ChatSession(self.model, self.tokenizer, cache_config=config, **self.generation)
-        entry = Entry(id=sid, config=config, path=self._path(sid), session=session,
+        entry = Entry(id=sid, config=config, path=self.disk.path(sid), session=session,
                       trimmable=all(c.is_trimmable() for c in session.cache))
         with self._lock:
             self.entries[sid] = entry
@@ -348,8 +217,7 @@ class SessionStore:
             self.entries.pop(entry.id, None)
         if entry.sums:
             self._write_index()
-        for p in self.files(entry):
-            p.unlink(missing_ok=True)
+        self.disk.remove(entry.path)
 
     def session_for(self, req: Request, prompt: list[int]) -> Entry:
         """The session ``req`` continues (named, or found by prefix), or a new one."""
@@ -435,9 +303,9 @@ class SessionStore:
                 "sessions_in_memory": sum(r["where"] == "memory" for r in rows),
                 "sessions_on_disk": sum(r["where"] == "disk" for r in rows),
                 "disk_bytes": sum(r["disk_bytes"] for r in rows),
-                "disk_limit_bytes": self.disk_total, "saved_to_disk": self.spilled,
+                "disk_limit_bytes": self.disk.limit, "saved_to_disk": self.spilled,
                 "restored_from_disk": self.restored, "removed_from_disk": self.forgotten,
-                "rebuilt_from_history": self.rebuilt, "kept_across_restarts": self.persistent,
+                "rebuilt_from_history": self.rebuilt, "kept_across_restarts": self.disk.persistent,
                 "resumed_at_start": self.resumed,
                 "default_cache": plan(self.config, self.shape).describe(), "sessions": rows}
 
@@ -445,12 +313,7 @@ class SessionStore:
         """With a directory of its own (``--kv-dir``): save the sessions in memory there
         (``save``: nothing else uses them any more), least recently used first, for the
         next store on it. Otherwise remove the temporary directory."""
-        if not self.persistent:
-            with self._lock:
-                self.entries.clear()
-            shutil.rmtree(self.directory, ignore_errors=True)
-            return
-        if save:
+        if save and self.disk.persistent:
             held = [e for e in self.entries.values() if e.session is not None and e.tokens]
             for e in sorted(held, key=lambda e: e.last_used):
                 try:
@@ -459,12 +322,4 @@ class SessionStore:
                     self.log(f"session {e.id}: not saved ({err})")
         with self._lock:
             self.entries.clear()
-        if self._held is not None:
-            os.close(self._held)
-            self._held = None
-
-
-def _model_words(identity: dict) -> str:
-    """A model's identity as a saved cache records it, in words."""
-    rest = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in identity.items() if k != "name")
-    return f"{identity.get('name')!r} ({rest})"
+        self.disk.close()
