@@ -14,8 +14,7 @@ COMMANDS = {
                       "full precision"),
     "window": ("N|off", "keep only the sinks + the N most recent tokens (no budget)"),
     "policy": ("NAME", "eviction policy under the budget"),
-    "kv": ("SETTING VALUE", "any cache setting, as its --kv-* flag, e.g. /kv residual 128 "
-                            "(/kv alone lists them)"),
+    "kv": ("SETTING VALUE", "any cache setting, as its --kv-* flag: /kv residual 128"),
     "clear": ("", "start a new conversation (ctrl+n)"),
     "save": ("NAME", "save the conversation and its compressed cache as NAME"),
     "load": ("NAME", "open the conversation saved as NAME"),

@@ -28,7 +28,7 @@ def help_text() -> str:
     lines += ["", "Commands"]
     for name, (usage, text) in COMMANDS.items():
         lines.append(f"  /{name + (' ' + usage if usage else ''):<16} {text}")
-    lines += ["", "Changing the cache (/budget, /bits, /window, /policy, F2) rebuilds it",
+    lines += ["", "Changing the cache (/budget, /bits, /window, /policy, /kv, F2) rebuilds it",
               "from the conversation: nothing is lost.", "", "Esc, q or F1 closes this screen."]
     return "\n".join(lines)
 
