@@ -18,8 +18,8 @@ from .config import CacheConfig
 from .layout import STEP, make_layout
 from .shape import ModelShape
 
-# mlx-lm's full-precision KVCache grows in steps of 256 tokens, mlxkv's buffers in STEP
-# (also 256); slack for what a step's growth and rounding may add past the kept tokens.
+# Slack past the kept tokens, the chunk and a growth step, kept as the server's reservation
+# had it before the plan (its own ``+ 128``): a margin, not a derived size.
 GROWTH_SLACK = 128
 
 

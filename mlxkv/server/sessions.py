@@ -35,7 +35,7 @@ from ..cache.plan import plan
 from ..cache.shape import shape_of
 from ..chat import ChatSession
 from ..errors import InputError, MlxkvError
-from ..generation import DEFAULT_PREFILL_STEP, chat_tokens, context_length, encode_prompt
+from ..generation import DEFAULT_PREFILL_STEP, chat_tokens, encode_prompt
 from ..stats import CacheStats, gather_stats
 from .disk import DiskTier
 from .protocol import APIError, Request, bad, usage
@@ -95,10 +95,10 @@ class SessionStore:
                  directory: Path | None = None, disk_total: int | None = None,
                  generation: dict | None = None, log: Callable[[str], None] | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.config = config.resolve(shape_of(model).head_dim)
-        self.total = total
         self.shape = shape_of(model)
-        self.context = context_length(model)
+        self.config = config.resolve(self.shape.head_dim)
+        self.total = total
+        self.context = self.shape.context
         self.group = self.shape.group
         self.generation = dict(generation or {})
         self.log = log or (lambda text: print(f"mlxkv serve: {text}", file=sys.stderr, flush=True))
@@ -221,7 +221,7 @@ class SessionStore:
 
     def session_for(self, req: Request, prompt: list[int]) -> Entry:
         """The session ``req`` continues (named, or found by prefix), or a new one."""
-        config = req.config.resolve(shape_of(self.model).head_dim)
+        config = req.config.resolve(self.shape.head_dim)
         if req.session_id is not None:
             entry = self.entries.get(req.session_id)
             if entry is not None and entry.config != config:
